@@ -1,0 +1,1 @@
+"""Stage runners and their plumbing: text sources, model loading, activation stores, CLIs."""
