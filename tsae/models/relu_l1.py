@@ -31,6 +31,9 @@ class ReluL1SAE(StaticSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
 
+    def saelens_export(self) -> tuple[str, dict, dict]:
+        return "standard", {}, {}
+
     def loss_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]) -> dict[str, Tensor]:
         if self.training:
             self.activity.update(out.codes)

@@ -124,13 +124,18 @@ class StaticSAE(SAE):
     # ---- persistence -----------------------------------------------------------------------
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Like SAE.load, but a folder without firing statistics (e.g. SAELens layout) loads too."""
+        """Like SAE.load, tolerating absent firing statistics; a SAELens folder goes to load_saelens."""
         import json
 
         from safetensors.torch import load_file
 
+        from tsae.models.saelens_format import load_saelens, looks_like_saelens
+
         folder = Path(folder)
-        model = cls.from_config_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        if looks_like_saelens(cfg):
+            return load_saelens(folder, device)
+        model = cls.from_config_dict(cfg)
         state = load_file(str(folder / WEIGHTS_FILE))
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith("activity.")] + list(unexpected)

@@ -10,7 +10,8 @@ Auxiliary-k loss against dead latents D (not fired in cfg.dead_window_tokens tok
     z_aux = TopK_{k_aux}(pre restricted to D),  k_aux = min(cfg.k_aux or d_in // 2, |D|)
             (no ReLU: a latent is usually dead because its pre-activations are negative, and it
             must still receive a gradient to come back)
-    L_aux = mean_tokens ||e - z_aux @ W_dec||^2            (gradient reaches dead latents only)
+    L_aux = min(|D| / k_aux, 1) * mean_tokens ||e - z_aux @ W_dec||^2
+            (gradient reaches dead latents only; the factor quiets it while few latents are dead)
 
 coeffs["k"] overrides k for the step (k annealing): codes and x_hat are then recomputed from the
 pre-activations kept in out.aux["pre"], and the loss uses them.  coeffs["auxk"] weights L_aux
@@ -19,6 +20,7 @@ pre-activations kept in out.aux["pre"], and the loss uses them.  coeffs["auxk"] 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,19 @@ def topk_activation(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, idx, values)
 
 
+def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, k_aux: int,
+              decode: Callable[[Tensor], Tensor]) -> Tensor:
+    """min(|D|/k_aux, 1) * mean ||stop_grad(residual) - decode(z_aux)||^2; 0 if nothing is dead.
+
+    `decode` maps codes to the residual's shape without the decoder bias (e.g. z -> z @ W_dec).
+    """
+    codes_aux = auxk_codes(pre, dead, k_aux)
+    if codes_aux is None:
+        return residual.new_zeros(())
+    scale = min(int(dead.sum()) / k_aux, 1.0)
+    return scale * reconstruction_mse(residual.detach(), decode(codes_aux))
+
+
 def auxk_codes(pre: Tensor, dead: Tensor, k_aux: int) -> Tensor | None:
     """The k_aux largest dead pre-activations (signed, no ReLU) per token; None if none is dead."""
     n_dead = int(dead.sum())
@@ -43,13 +58,6 @@ def auxk_codes(pre: Tensor, dead: Tensor, k_aux: int) -> Tensor | None:
         return None
     values, idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter(-1, idx, values)
-
-
-def auxk_loss(residual: Tensor, codes_aux: Tensor | None, W_dec: Tensor) -> Tensor:
-    """mean_tokens ||stop_grad(residual) - codes_aux @ W_dec||^2 (0 when codes_aux is None)."""
-    if codes_aux is None:
-        return residual.new_zeros(())
-    return reconstruction_mse(residual.detach(), codes_aux @ W_dec)
 
 
 @dataclass
@@ -71,6 +79,9 @@ class TopKSAE(StaticSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return topk_activation(pre, self.cfg.k)
 
+    def saelens_export(self) -> tuple[str, dict, dict]:
+        return "topk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}, {}
+
     def forward(self, x: Tensor) -> SAEOutput:
         pre = self.pre_activations(x)
         codes = self.activation(pre)
@@ -86,7 +97,7 @@ class TopKSAE(StaticSAE):
             self.activity.update(codes)
         dead = self.activity.dead_mask(self.cfg.dead_window_tokens)
         mse = reconstruction_mse(x, x_hat)
-        aux = auxk_loss(x - x_hat, auxk_codes(pre, dead, self.k_aux), self.W_dec)
+        aux = auxk_loss(x - x_hat, pre, dead, self.k_aux, lambda z: z @ self.W_dec)
         loss = mse + coeffs.get("auxk", self.cfg.auxk) * aux
         l0 = (codes > 0).float().sum(-1).mean()
         return {"loss": loss, "mse": mse, "auxk": aux, "l0": l0.detach(),
