@@ -2,7 +2,7 @@
 
 import torch
 
-from tsae.models.lifecycle import HIST_BINS, LifecycleTracker, ages, births, deaths, runs
+from tsae.models.lifecycle import HIST_BINS, LifecycleTracker, ages, ages_at, births, deaths, runs
 
 
 def _random_active(seed: int, B=3, T=23, F=7, p=0.55) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _brute(active):
                 nxt = a[b][t + 1][f] if t + 1 < T else False
                 if cur and not nxt:
                     run_list.append((b, t, f, run, t == T - 1))
-    run_list.sort(key=lambda r: (r[0], r[1], r[2]))
+    run_list.sort(key=lambda r: (r[0], r[2], r[1]))  # (b, f, t)
     return birth, death, age, run_list
 
 
@@ -47,6 +47,14 @@ def test_pure_functions_match_brute_force():
         assert censored.tolist() == [r[4] for r in run_list]
         # every active token belongs to exactly one run
         assert int(length.sum()) == int(active.sum())
+
+
+def test_ages_at_selected_features_is_capped_age():
+    active = _random_active(5, B=2, T=30, F=9, p=0.7)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 9, (2, 30, 4), generator=g)
+    for cap in (1, 3, 8):
+        assert torch.equal(ages_at(active, idx, cap), ages(active).clamp(max=cap).gather(-1, idx))
 
 
 def test_codes_are_thresholded_at_zero_and_2d_accepted():
@@ -94,6 +102,8 @@ def test_never_born_and_long_runs_and_state_dict():
     tr.update(active)
     assert tr.never_born_mask().tolist() == [False, False, True]
     assert int(tr.run_hist[0, HIST_BINS - 1]) == 1 and int(tr.censored_count[1]) == 1
+    tr.reset(torch.tensor([True, False, False]))
+    assert int(tr.run_count[0]) == 0 and int(tr.censored_count[1]) == 1 and int(tr.tokens_seen) == 100
     tr2 = LifecycleTracker(3)
     tr2.load_state_dict(tr.state_dict())
     assert torch.equal(tr2.run_hist, tr.run_hist) and torch.equal(tr2.ever_fired, tr.ever_fired)

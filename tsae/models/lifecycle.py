@@ -10,7 +10,8 @@ A feature is *active* at (b, t) when its code is > 0.  On `active: BoolTensor [B
                    feature's *lifetime*.  A run that reaches the last position is *censored*
                    (it may continue past the end, so its length is only a lower bound).
 
-Everything is vectorised (no loops over T): ages come from a running max of reset positions.
+Everything is vectorised (no loops over T): in each feature's row of history the i-th onset pairs
+with the i-th offset, which gives runs; ages are a cumulative sum that restarts after every run.
 
 `LifecycleTracker` accumulates these statistics over many batches (per-feature counts, completed
 run lengths, a run-length histogram, tokens since a feature last fired) in buffers, so a
@@ -36,47 +37,91 @@ def _as_active(x: Tensor) -> Tensor:
     return active
 
 
-def _previous(active: Tensor) -> Tensor:
-    """active shifted one step later in T, False at t = 0."""
-    prev = torch.zeros_like(active)
-    prev[:, 1:] = active[:, :-1]
-    return prev
+def _rows(active: Tensor) -> Tensor:
+    """[B, T, F] -> contiguous [B, F, T], so that each feature's history is one row in memory."""
+    return active.transpose(1, 2).contiguous()
+
+
+def _shift(rows: Tensor, step: int) -> Tensor:
+    """rows[..., t - step] along the last dim (step = 1: previous, -1: next), False outside."""
+    out = torch.zeros_like(rows)
+    if step > 0:
+        out[..., step:] = rows[..., :-step]
+    else:
+        out[..., :step] = rows[..., -step:]
+    return out
 
 
 def births(active: Tensor) -> Tensor:
     """Onsets [B, T, F]: active at t and not at t-1 (t = 0 counts when active)."""
     active = _as_active(active)
-    return active & ~_previous(active)
+    prev = torch.zeros_like(active)
+    prev[:, 1:] = active[:, :-1]
+    return active & ~prev
 
 
 def deaths(active: Tensor) -> Tensor:
     """Offsets [B, T, F]: active at t-1 and not at t."""
     active = _as_active(active)
-    return _previous(active) & ~active
+    prev = torch.zeros_like(active)
+    prev[:, 1:] = active[:, :-1]
+    return prev & ~active
 
 
-def ages(active: Tensor) -> Tensor:
-    """Run length so far, LongTensor [B, T, F]: 1 at a birth, +1 per active step, 0 when inactive."""
-    active = _as_active(active)
-    T = active.shape[1]
-    t = torch.arange(T, device=active.device).view(1, T, 1).expand_as(active)
-    last_reset = torch.where(active, torch.full_like(t, -1), t).cummax(dim=1).values
-    return t - last_reset
+def _run_bounds(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Start and end indices (b, f, t) [n, 3] of every run in rows [B, F, T].
+
+    `nonzero` lists indices in row-major order, so within each (b, f) row starts and ends alternate
+    and the i-th start belongs to the i-th end.
+    """
+    starts = (rows & ~_shift(rows, 1)).nonzero()
+    ends = (rows & ~_shift(rows, -1)).nonzero()
+    return starts, ends
 
 
 def runs(active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Every maximal run of activity: (feature [n] long, length [n] long, censored [n] bool).
 
-    Runs are listed in (b, t_end, f) order; `censored` marks runs that touch the last position.
+    Runs are listed in (b, f, t_start) order; `censored` marks runs that touch the last position.
     """
     active = _as_active(active)
-    nxt = torch.zeros_like(active)
-    nxt[:, :-1] = active[:, 1:]
-    ends = active & ~nxt
-    _, t_end, feature = ends.nonzero(as_tuple=True)
-    length = ages(active)[ends]
-    censored = t_end == active.shape[1] - 1
-    return feature, length, censored
+    starts, ends = _run_bounds(_rows(active))
+    length = ends[:, 2] - starts[:, 2] + 1
+    return ends[:, 1], length, ends[:, 2] == active.shape[1] - 1
+
+
+def ages(active: Tensor) -> Tensor:
+    """Run length so far, LongTensor [B, T, F]: 1 at a birth, +1 per active step, 0 when inactive.
+
+    A cumulative sum with resets: age = active * cumsum_t(active - L), where L carries, at the
+    position right after each run, that run's length (so the count restarts at the next birth).
+    """
+    active = _as_active(active)
+    rows = _rows(active)
+    starts, ends = _run_bounds(rows)
+    after = ends[:, 2] + 1
+    done = after < rows.shape[-1]
+    step = rows.to(torch.int32)
+    step[ends[done, 0], ends[done, 1], after[done]] = -(after - starts[:, 2])[done].to(torch.int32)
+    age = step.cumsum(-1, dtype=torch.int32).masked_fill_(~rows, 0)
+    return age.long().transpose(1, 2)
+
+
+def ages_at(active: Tensor, idx: Tensor, cap: int) -> Tensor:
+    """min(age, cap) of selected features only: idx [B, T, k] -> LongTensor [B, T, k].
+
+    age[b, t, j] = number of consecutive positions t, t-1, ... (at most `cap`) at which feature
+    idx[b, t, j] is active.  Costs cap gathers of [B, T, k] instead of passes over [B, T, F]; this
+    is what the TSAE's lifecycle input uses (k active features per token).
+    """
+    T = active.shape[1]
+    padded = torch.nn.functional.pad(active, (0, 0, cap, 0))  # padded[:, cap + t] = active[:, t]
+    run = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+    age = torch.zeros(idx.shape, dtype=torch.long, device=idx.device)
+    for back in range(cap):
+        run = run & padded[:, cap - back : cap - back + T].gather(-1, idx)
+        age += run
+    return age
 
 
 class LifecycleTracker(nn.Module):
@@ -118,26 +163,33 @@ class LifecycleTracker(nn.Module):
         active = active.to(self.tokens_seen.device)
         B, T, F = active.shape
         self.tokens_seen += B * T
-        fired = active.sum(dim=(0, 1))
-        self.fire_count += fired
-        self.birth_count += births(active).sum(dim=(0, 1))
-        self.death_count += deaths(active).sum(dim=(0, 1))
-
+        # Every run has one birth; every uncensored run ends in one death.
         feature, length, censored = runs(active)
+        ones = torch.ones_like(feature)
+        self.fire_count.index_add_(0, feature, length)
+        self.birth_count.index_add_(0, feature, ones)
         done_f, done_len = feature[~censored], length[~censored]
-        self.run_count.index_add_(0, done_f, torch.ones_like(done_f))
+        self.death_count.index_add_(0, done_f, ones[~censored])
+        self.run_count.index_add_(0, done_f, ones[~censored])
         self.run_length_total.index_add_(0, done_f, done_len)
-        self.censored_count.index_add_(0, feature[censored], torch.ones_like(feature[censored]))
+        self.censored_count.index_add_(0, feature[censored], ones[censored])
         bins = done_len.clamp(max=HIST_BINS) - 1
-        self.run_hist.view(-1).index_add_(0, done_f * HIST_BINS + bins, torch.ones_like(done_f))
+        self.run_hist.view(-1).index_add_(0, done_f * HIST_BINS + bins, ones[~censored])
 
-        now = fired > 0
-        self.ever_fired |= now
-        self.tokens_since_fired.add_(B * T).masked_fill_(now, 0)
+        fired = torch.zeros(F, dtype=torch.bool, device=feature.device)
+        fired[feature] = True
+        self.ever_fired |= fired
+        self.tokens_since_fired.add_(B * T).masked_fill_(fired, 0)
 
-    def reset(self) -> None:
-        for buf in self.buffers():
-            buf.zero_()
+    @torch.no_grad()
+    def reset(self, features: Tensor | None = None) -> None:
+        """Forget everything (features=None) or the history of some features (bool mask or
+        indices), e.g. after reviving them; tokens_seen is kept in the latter case."""
+        for name, buf in self.named_buffers():
+            if features is None:
+                buf.zero_()
+            elif name != "tokens_seen":
+                buf[features] = 0
 
     # ---- masks -------------------------------------------------------------------------------
     def dead_mask(self, window_tokens: int) -> Tensor:
