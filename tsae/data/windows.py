@@ -108,6 +108,7 @@ class WindowBatches:
         tail: str = "align_end",
         decode: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
+        self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if len(acts.shape) != 3:
             raise ValueError(f"acts must be [n_seq, ctx, d], got shape {tuple(acts.shape)}")
         self.acts, self.tokens = acts, tokens
@@ -142,6 +143,10 @@ class WindowBatches:
         self.wait_s = 0.0  # time the consumer spent blocked on the loader
         self.batches_yielded = 0
 
+    def restart(self, start_batch: int) -> WindowBatches:
+        """The same stream (same arguments and seed) starting at batch `start_batch`: resume."""
+        return WindowBatches(**{**self._args, "start_batch": int(start_batch)})
+
     # ---- sizes -------------------------------------------------------------------------------
     @property
     def windows_per_epoch(self) -> int:
@@ -165,6 +170,20 @@ class WindowBatches:
             raise TypeError("unbounded WindowBatches (epochs=None, n_tokens=None) has no length")
         n = total // self.batch_size if self.drop_last else math.ceil(total / self.batch_size)
         return max(n - self.start_batch, 0)
+
+    def sample_sequences(self, max_seqs: int = 256) -> np.ndarray:
+        """Up to `max_seqs` selected whole sequences [n, ctx, d] (float32), read as whole units
+        spread evenly over the selection (for input statistics and b_dec init; no shuffling)."""
+        picks = np.unique(np.linspace(0, len(self._units) - 1, min(len(self._units), 8)).astype(int))
+        out, n = [], 0
+        for u in picks:
+            a = self._read_unit(int(u))[0]
+            rows = self._unit_seqs[u] - self._unit_seqs[u][0]
+            out.append(np.asarray(a[rows][: max_seqs - n], dtype=np.float32))
+            n += len(out[-1])
+            if n >= max_seqs:
+                break
+        return np.concatenate(out)
 
     # ---- the index-only plan -----------------------------------------------------------------
     def _plan(self) -> Iterator[tuple[list[int], np.ndarray]]:
