@@ -99,7 +99,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> Relu
     with torch.no_grad():
         for name, value in zip(_PARAMS, (W_enc, W_dec, b_enc, b_dec), strict=True):
             getattr(sae, name).copy_(value)
-    return sae.to(device)
+    return sae.to(device).eval()
 
 
 def save_saelens(sae: SAE, folder: str | Path) -> Path:

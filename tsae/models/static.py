@@ -57,6 +57,16 @@ def geometric_median(points: Tensor, n_iter: int = 30, eps: float = 1e-8) -> Ten
     return m.float()
 
 
+def data_centre(x_sample: Tensor, method: str = "geometric_median") -> Tensor:
+    """Centre [d] of a sample [..., d]: its geometric median (robust) or its mean."""
+    x = x_sample.reshape(-1, x_sample.shape[-1])
+    if method == "geometric_median":
+        return geometric_median(x)
+    if method == "mean":
+        return x.float().mean(0)
+    raise ValueError(f"unknown b_dec init {method!r}; use 'geometric_median' or 'mean'")
+
+
 @dataclass
 class StaticSAEConfig(SAEConfig):
     unit_norm_decoder: bool = True
@@ -105,14 +115,7 @@ class StaticSAE(SAE):
     @torch.no_grad()
     def init_b_dec(self, x_sample: Tensor, method: str = "geometric_median") -> None:
         """Set b_dec to the geometric median (robust) or the mean of a sample [..., d_in]."""
-        x = x_sample.reshape(-1, self.cfg.d_in).to(self.b_dec.device)
-        if method == "geometric_median":
-            centre = geometric_median(x)
-        elif method == "mean":
-            centre = x.float().mean(0)
-        else:
-            raise ValueError(f"unknown b_dec init {method!r}; use 'geometric_median' or 'mean'")
-        self.b_dec.copy_(centre.to(self.b_dec))
+        self.b_dec.copy_(data_centre(x_sample.to(self.b_dec.device), method).to(self.b_dec))
 
     @torch.no_grad()
     def fold_input_scale(self, s: float) -> None:
@@ -124,7 +127,8 @@ class StaticSAE(SAE):
     # ---- persistence -----------------------------------------------------------------------
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Like SAE.load, tolerating absent firing statistics; a SAELens folder goes to load_saelens."""
+        """Like SAE.load (but returned in eval mode), tolerating absent firing statistics; a SAELens
+        folder goes to load_saelens."""
         import json
 
         from safetensors.torch import load_file
@@ -141,4 +145,4 @@ class StaticSAE(SAE):
         bad = [k for k in missing if not k.startswith("activity.")] + list(unexpected)
         if bad:
             raise ValueError(f"{folder}: weights do not match {cls.__name__}: {sorted(bad)}")
-        return model.to(device)
+        return model.to(device).eval()  # inference mode: T-SAE then uses its causal threshold

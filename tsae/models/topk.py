@@ -38,6 +38,14 @@ def topk_activation(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, idx, values)
 
 
+def batch_topk_activation(pre: Tensor, k: int) -> Tensor:
+    """BatchTopK: keep the k * n_tokens largest entries of ReLU(pre) over the whole batch [..., d_sae]."""
+    flat = pre.relu().reshape(-1)
+    n_keep = min(int(k) * (flat.numel() // pre.shape[-1]), flat.numel())
+    values, idx = flat.topk(n_keep, sorted=False)
+    return torch.zeros_like(flat).scatter(0, idx, values).reshape(pre.shape)
+
+
 def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, k_aux: int,
               decode: Callable[[Tensor], Tensor]) -> Tensor:
     """min(|D|/k_aux, 1) * mean ||stop_grad(residual) - decode(z_aux)||^2; 0 if nothing is dead.
