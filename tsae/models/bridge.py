@@ -1,0 +1,32 @@
+"""Bridge connections: learned gains where the temporal path joins the static one.
+
+    encoder:  pre_t   = s_t + lambda * g_t * tau_t        lambda [F]  (per feature)
+    decoder:  x_hat_t = x_static_t + gate_open * rho * r_t  rho [d_in] (per dimension)
+
+With `learned=True` both start at 0, so a freshly built TSAE is its static SAE even with the gates
+open; the optimiser then opens each feature's (and each dimension's) temporal input only as far as
+it lowers the loss.  With `learned=False` (the no-bridge ablation) lambda = rho = 1 are fixed
+buffers: the temporal terms enter at full strength as soon as the gates open.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Bridge(nn.Module):
+    def __init__(self, d_sae: int, d_in: int, *, learned: bool = True, decoder: bool = True):
+        super().__init__()
+        shapes = {"lam": d_sae, **({"rho": d_in} if decoder else {})}
+        for name, n in shapes.items():
+            if learned:
+                self.register_parameter(name, nn.Parameter(torch.zeros(n)))
+            else:
+                self.register_buffer(name, torch.ones(n))
+
+    def encoder(self, s: Tensor, g: Tensor, tau: Tensor) -> Tensor:
+        return s + self.lam * g * tau
+
+    def decoder(self, r: Tensor) -> Tensor:
+        return self.rho * r

@@ -1,0 +1,251 @@
+"""Temporal SAE (architecture "tsae"): a pretrained TopK SAE plus a gated, windowed LSTM memory.
+
+Shapes: x [B, T, d], F = d_sae, h = lstm_hidden, w = window, k = TopK.  For every position t:
+
+  static path (the TopK SAE's maps and weights, copied exactly by `from_static`)
+    s_t     = (x_t - b_dec) @ W_enc + b_enc                              [F]
+    f^s_t   = TopK_k(ReLU(s_t))                                          [F]
+  encoder memory (window_memory.py): the static codes strictly before t
+    e_t     = LSTM_enc(P^T f^s_{t-w}, ..., P^T f^s_{t-1})                [h]     P [F, h]
+  gates (lstm_gates.py), lifecycle input a_t = min(age of f^s at t-1, w) / w
+    g_t     = sigma(e_t @ W_g + b_g + v * a_t) * gate_open               [F]
+    tau_t   = e_t @ W_tau                                                [F]
+  encoder bridge (bridge.py)
+    pre_t   = s_t + lambda * g_t * tau_t                                 [F]     lambda [F], init 0
+    f_t     = TopK_k(ReLU(pre_t))                                        the codes
+  decoder: static dictionary + a memory of the final codes up to and including t
+    d_t     = LSTM_dec(Q^T f_{t-w+1}, ..., Q^T f_t)                      [h]     Q [F, h]
+    x_hat_t = f_t @ W_dec + b_dec + gate_open * rho * (d_t @ C)          [d]     C [h, d], rho [d] init 0
+
+Receptive fields: f_t reads x_{t-w..t}; x_hat_t reads x_{t-2w+1..t} (its window of codes, each of
+which reads w back).  Both are causal.  Because the memory reads the *static* codes, which need
+no recurrence, the whole sequence trains in parallel (no T sequential TopKs).
+
+Exact static limit: while gate_open == 0 the temporal terms are not computed at all, so codes and
+x_hat are bitwise those of the static TopK SAE with the same weights.  With the bridges at their
+init (lambda = rho = 0) the model is also static with the gates open.
+
+Training coefficients (coeffs, all optional; the trainer should call `set_coeffs(coeffs)` before
+`forward`, else `loss_terms` re-runs the forward with them):
+    gate_open  in [0, 1]  how open the temporal path is (stored in a buffer, saved with the model)
+    k          TopK for this step (annealing); not saved: a loaded model uses cfg.k
+    auxk       aux-k weight (default cfg.auxk), against latents dead for cfg.dead_window_tokens
+    distill    weight of ||f - f_teacher||^2 + ||x_hat - x_hat_teacher||^2 (default cfg.distill)
+               teacher = out.aux["teacher_codes"/"teacher_x_hat"] if the trainer put a frozen
+               static SAE's outputs there, else this model's own static path (detached)
+    gate_l1    weight of the mean gate value (default cfg.gate_l1)
+loss = mse + auxk * L_aux + distill * L_distill + gate_l1 * mean(g);  mse as for static SAEs
+(mean over tokens of the sum over d).
+
+Ablations (cfg flags): use_lstm (False: tanh(linear(window mean))), use_gates (False: g = gate_open),
+use_bridge (False: lambda = rho = 1 fixed), use_lifecycle_input, window, use_temporal_decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tsae.models.base import SAEOutput
+from tsae.models.bridge import Bridge
+from tsae.models.lifecycle import LifecycleTracker
+from tsae.models.lstm_gates import TemporalGates, lifecycle_input
+from tsae.models.registry import register
+from tsae.models.static import StaticSAE, reconstruction_mse
+from tsae.models.topk import TopKConfig, TopKSAE, auxk_loss, topk_activation
+from tsae.models.window_memory import WindowMemory
+
+
+@dataclass
+class TSAEConfig(TopKConfig):
+    window: int = 16
+    lstm_hidden: int = 64
+    use_lstm: bool = True
+    use_gates: bool = True
+    use_bridge: bool = True
+    use_lifecycle_input: bool = True
+    use_temporal_decoder: bool = True
+    distill: float = 0.0  # default coefficients when coeffs omit them
+    gate_l1: float = 0.0
+
+
+@register
+class TemporalSAE(StaticSAE):
+    architecture = "tsae"
+    config_class = TSAEConfig
+    is_temporal = True
+
+    def __init__(self, cfg: TSAEConfig):
+        super().__init__(cfg)
+        F, d, h, w = cfg.d_sae, cfg.d_in, cfg.lstm_hidden, cfg.window
+        memory = dict(hidden=h, window=w, use_lstm=cfg.use_lstm, code_scale=1 / math.sqrt(d))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            self.enc_memory = WindowMemory(F, include_current=False, **memory)
+            self.gates = TemporalGates(F, h, use_gates=cfg.use_gates,
+                                       use_lifecycle_input=cfg.use_lifecycle_input)
+            self.bridge = Bridge(F, d, learned=cfg.use_bridge, decoder=cfg.use_temporal_decoder)
+            if cfg.use_temporal_decoder:
+                self.dec_memory = WindowMemory(F, include_current=True, **memory)
+                self.C = nn.Parameter(torch.randn(h, d) / math.sqrt(h))
+        self.register_buffer("gate_open", torch.zeros(()))
+        self.lifecycle = LifecycleTracker(F)
+        self.k_step: int | None = None  # set by set_coeffs for k annealing
+
+    @classmethod
+    def from_static(cls, static: TopKSAE, **overrides) -> TemporalSAE:
+        """A TSAE whose static path is `static` (weights and firing statistics copied exactly)."""
+        if not isinstance(static, TopKSAE):
+            raise TypeError(f"the TSAE starts from a TopKSAE, got {type(static).__name__}")
+        base = {f.name: getattr(static.cfg, f.name) for f in dataclasses.fields(static.cfg)}
+        cfg = TSAEConfig(**{**base, **overrides})
+        if (cfg.d_in, cfg.d_sae) != (static.cfg.d_in, static.cfg.d_sae):
+            raise ValueError("from_static cannot change d_in or d_sae")
+        model = cls(cfg).to(static.W_enc.device)
+        _, unexpected = model.load_state_dict(static.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"unexpected static weights: {unexpected}")
+        return model
+
+    # ---- schedule ----------------------------------------------------------------------------
+    def set_coeffs(self, coeffs: dict[str, float]) -> None:
+        """Apply the step's gate_open and k before forward (k falls back to cfg.k when absent)."""
+        if "gate_open" in coeffs:
+            self.gate_open.fill_(min(max(float(coeffs["gate_open"]), 0.0), 1.0))
+        self.k_step = int(coeffs["k"]) if "k" in coeffs else None
+
+    @property
+    def k(self) -> int:
+        return self.k_step if self.k_step is not None else self.cfg.k
+
+    @property
+    def temporal_open(self) -> bool:
+        return bool(self.gate_open > 0)
+
+    # ---- the maps ----------------------------------------------------------------------------
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """-> (codes f, pre-activations pre, static codes f^s, gates g or None)."""
+        k, cfg = self.k, self.cfg
+        s = self.pre_activations(x)
+        f_s = topk_activation(s, k)
+        if not self.temporal_open:
+            return f_s, s, f_s, None
+        e = self.enc_memory(f_s)
+        life = lifecycle_input(f_s, k, cfg.window) if cfg.use_gates and cfg.use_lifecycle_input else None
+        g, tau = self.gates(e, self.gate_open, life)
+        pre = self.bridge.encoder(s, g, tau)
+        return topk_activation(pre, k), pre, f_s, (g if cfg.use_gates else None)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self._encode(x)[0]
+
+    def decode(self, codes: Tensor) -> Tensor:
+        x_hat = super().decode(codes)
+        if self.cfg.use_temporal_decoder and self.temporal_open:
+            x_hat = x_hat + self.gate_open * self.bridge.decoder(self.dec_memory(codes) @ self.C)
+        return x_hat
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        codes, pre, f_s, g = self._encode(x)
+        aux = {"pre": pre, "static_codes": f_s, "gate_open": self.gate_open.clone(),
+               "k": torch.tensor(self.k)}
+        if g is not None:
+            aux["gates"] = g
+        return SAEOutput(x_hat=self.decode(codes), codes=codes, aux=aux)
+
+    # ---- training ----------------------------------------------------------------------------
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.k_aux or self.cfg.d_in // 2
+
+    def _stale(self, out: SAEOutput, coeffs: dict[str, float]) -> bool:
+        """Did `out` come from a forward with other gate_open / k than coeffs asks for?"""
+        gate = coeffs.get("gate_open")
+        if gate is not None and min(max(float(gate), 0.0), 1.0) != float(out.aux["gate_open"]):
+            return True
+        k = coeffs.get("k")
+        return k is not None and int(k) != int(out.aux["k"])
+
+    def loss_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]) -> dict[str, Tensor]:
+        if self._stale(out, coeffs):
+            warnings.warn("TemporalSAE: call set_coeffs(coeffs) before forward; re-running the forward "
+                          "with this step's gate_open/k", stacklevel=2)
+            self.set_coeffs(coeffs)
+            out = self(x)
+        cfg, codes, x_hat = self.cfg, out.codes, out.x_hat
+        if self.training:
+            self.activity.update(codes)
+            self.lifecycle.update(codes)
+        dead = self.activity.dead_mask(cfg.dead_window_tokens)
+        mse = reconstruction_mse(x, x_hat)
+        aux = auxk_loss(x - x_hat, out.aux["pre"], dead, self.k_aux, lambda z: z @ self.W_dec)
+        zero = mse.new_zeros(())
+        w_distill = float(coeffs.get("distill", cfg.distill))
+        distill = self._distill(out) if w_distill else zero
+        g = out.aux.get("gates")
+        gate_l1 = g.mean() if g is not None else zero
+        gate_mean = gate_l1.detach() if g is not None else self.gate_open.clone() * self.temporal_open
+        loss = (mse + float(coeffs.get("auxk", cfg.auxk)) * aux + w_distill * distill
+                + float(coeffs.get("gate_l1", cfg.gate_l1)) * gate_l1)
+        return {"loss": loss, "mse": mse, "auxk": aux, "distill": distill, "gate_l1": gate_l1,
+                "l0": (codes > 0).float().sum(-1).mean().detach(), "gate_mean": gate_mean,
+                "dead_frac": dead.float().mean()}
+
+    def _distill(self, out: SAEOutput) -> Tensor:
+        teacher_codes = out.aux.get("teacher_codes")
+        if teacher_codes is None:
+            teacher_codes = out.aux["static_codes"].detach()
+        teacher_x_hat = out.aux.get("teacher_x_hat")
+        if teacher_x_hat is None:
+            teacher_x_hat = super().decode(teacher_codes).detach()
+        return reconstruction_mse(teacher_codes, out.codes) + reconstruction_mse(teacher_x_hat, out.x_hat)
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """Static maps as StaticSAE; the temporal decoder's correction is in input units: C /= s."""
+        super().fold_input_scale(s)
+        if self.cfg.use_temporal_decoder:
+            self.C.div_(s)
+
+    @torch.no_grad()
+    def revive_dead(self, mask: Tensor, x_sample: Tensor, encoder_scale: float = 1.0) -> int:
+        """Point dead latents at what the model reconstructs worst; returns how many were revived.
+
+        For each latent in `mask` (bool [F] or indices), a token of x_sample [B, T, d] is drawn
+        with probability proportional to its squared reconstruction error; the latent's decoder row
+        becomes that token's residual direction (at the alive rows' mean norm), its encoder column
+        the same direction (tied, at encoder_scale x the alive columns' mean norm), b_enc = 0, and
+        its temporal parameters return to their closed init (lambda = 0, b_g = v = 0).  Its firing
+        and lifecycle history are reset.  The trainer should also reset the optimiser state of the
+        revived rows.
+        """
+        idx = mask.nonzero().flatten() if mask.dtype == torch.bool else mask.flatten()
+        n = idx.numel()
+        if n == 0:
+            return 0
+        x = x_sample.to(self.W_enc)
+        residual = (x - self(x).x_hat).reshape(-1, self.cfg.d_in)
+        err = residual.pow(2).sum(-1)
+        pick = torch.multinomial(err / err.sum(), n, replacement=n > err.numel())
+        dirs = residual[pick] / residual[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        alive = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=idx.device)
+        alive[idx] = False
+        dec_norm = self.W_dec[alive].norm(dim=-1).mean() if alive.any() else 1.0
+        enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else 1.0
+        self.W_dec[idx] = dirs * dec_norm
+        self.W_enc[:, idx] = dirs.T * (enc_norm * encoder_scale)
+        self.b_enc[idx] = 0.0
+        if self.cfg.use_bridge:
+            self.bridge.lam[idx] = 0.0
+        if self.cfg.use_gates:
+            self.gates.b_g[idx] = 0.0
+            if self.cfg.use_lifecycle_input:
+                self.gates.v[idx] = 0.0
+        self.activity.reset(idx)
+        self.lifecycle.reset(idx)
+        return n
