@@ -10,7 +10,7 @@ from tsae.models.crosscoder import CrosscoderConfig
 from tsae.models.registry import load_sae
 from tsae.models.relu_l1 import ReluL1Config
 from tsae.models.saelens_format import save_saelens
-from tsae.models.t_sae import TSAEConfig, info_nce, sample_partners
+from tsae.models.t_sae import ContrastiveTSAEConfig, info_nce, sample_partners
 from tsae.models.topk import TopKConfig
 
 D_IN, D_SAE, N_FEAT = 32, 64, 48
@@ -55,7 +55,7 @@ def train(model, steps, seed=1):
 
 @pytest.fixture(scope="module")
 def trained_tsae():
-    cfg = TSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, threshold_start_steps=50, threshold_beta=0.99)
+    cfg = ContrastiveTSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, threshold_start_steps=50, threshold_beta=0.99)
     return train(ContrastiveTemporalSAE(cfg), 300)
 
 
@@ -68,7 +68,7 @@ def _models():
     return [
         TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=4)),
         ReluL1SAE(ReluL1Config(d_in=D_IN, d_sae=D_SAE)),
-        ContrastiveTemporalSAE(TSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4)),
+        ContrastiveTemporalSAE(ContrastiveTSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4)),
         TemporalCrosscoder(CrosscoderConfig(d_in=D_IN, d_sae=D_SAE, k=4, window=3)),
     ]
 
@@ -131,7 +131,7 @@ def test_info_nce_lower_when_partners_aligned():
 
 
 def test_contrastive_term_rewards_codes_persistent_within_a_sequence():
-    sae = ContrastiveTemporalSAE(TSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, high_fraction=0.25))
+    sae = ContrastiveTemporalSAE(ContrastiveTSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, high_fraction=0.25))
     g = torch.Generator().manual_seed(0)
     topic = 3 * torch.rand(16, 1, D_SAE, generator=g) * (torch.rand(16, 1, D_SAE, generator=g) < 0.3)
     persistent = topic.expand(16, 8, D_SAE) + 0.1 * torch.rand(16, 8, D_SAE, generator=g)
@@ -142,7 +142,7 @@ def test_contrastive_term_rewards_codes_persistent_within_a_sequence():
 
 
 def test_tsae_training_batch_topk_and_loss_terms():
-    sae = ContrastiveTemporalSAE(TSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3, seed=4))
+    sae = ContrastiveTemporalSAE(ContrastiveTSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3, seed=4))
     sae.train()
     x = planted(4, 8, seed=9)
     out = sae(x)

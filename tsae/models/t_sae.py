@@ -72,7 +72,7 @@ def info_nce(anchor: Tensor, partner: Tensor, group: Tensor | None = None, tempe
 
 
 @dataclass
-class TSAEConfig(StaticSAEConfig):
+class ContrastiveTSAEConfig(StaticSAEConfig):
     k: int = 32
     high_fraction: float = 0.2
     high_weight: float = 0.2  # Matryoshka weight of the high-group-only reconstruction
@@ -90,10 +90,10 @@ class TSAEConfig(StaticSAEConfig):
 @register
 class ContrastiveTemporalSAE(StaticSAE):
     architecture = "t_sae"
-    config_class = TSAEConfig
+    config_class = ContrastiveTSAEConfig
     is_temporal = True
 
-    def __init__(self, cfg: TSAEConfig):
+    def __init__(self, cfg: ContrastiveTSAEConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
