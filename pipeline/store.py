@@ -1,0 +1,304 @@
+"""Reading an activation store (layout in `pipeline.store_layout`, writing in `pipeline.store_writer`).
+
+    store = ActivationStore.open("smollm2-135m_L15_ctx128_3f9c0a1b2d4e", model="smollm2-135m",
+                                 hook="blocks.15.hook_resid_post")
+    acts, tokens = store.read([3, 17], store.hooks[0])        # float32 [2, ctx, d], int32 [2, ctx]
+    for batch in store.iter_windows(store.hooks[0], window=16, batch_size=256, seed=0):
+        ...  # WindowBatch(acts [B, 16, d], tokens [B, 16], seq [B], start [B])
+
+`open` refuses, with a one-line `StoreError`, a store that is missing, still building (or interrupted),
+built for another model, or lacking the requested hook.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.errors import StoreError
+from pipeline.store_layout import (
+    DOC_ID,
+    DOC_OFFSET,
+    FORMAT_TAG,
+    MANIFEST_KEY,
+    STATUS_COMPLETE,
+    TOKENS,
+    Manifest,
+    acts_name,
+    join,
+    normalise,
+    read_key,
+    zarr_store,
+)
+
+
+def resolve(path_or_key: str | Path, cache_dir=None) -> str | Path:
+    """A store location: ``path_or_key`` itself if it is a path/URL that exists or has a separator,
+    else ``<cache home>/<key>``."""
+    text = str(path_or_key)
+    if "/" in text or "\\" in text or Path(text).exists():
+        return normalise(text)
+    return join(paths.cache_home(cache_dir), text)
+
+
+def read_attrs(location) -> dict | None:
+    """The root attributes of the store at ``location`` (parsed zarr.json, no zarr import); None if absent."""
+    location = normalise(location)
+    try:
+        if isinstance(location, Path):
+            raw = (location / "zarr.json").read_bytes() if (location / "zarr.json").is_file() else None
+        else:
+            raw = read_key(zarr_store(location, read_only=True), "zarr.json")
+    except (OSError, FileNotFoundError):
+        return None
+    if raw is None:
+        return None
+    try:
+        attrs = json.loads(raw).get("attributes", {})
+    except ValueError:
+        return None
+    return attrs if attrs.get("format") == FORMAT_TAG else None
+
+
+class ActivationStore:
+    """A complete (by default) store opened read-only.  Arrays are zarr arrays, read lazily."""
+
+    def __init__(self, location, group, attrs: dict):
+        self.location, self.group, self.attrs = location, group, attrs
+        self.key: str = attrs["key"]
+        self.hooks: list[str] = list(attrs["hooks"])
+        self.ctx: int = int(attrs["ctx"])
+        self.d_model: int = int(attrs["d_model"])
+        self.chunk_seqs: int = int(attrs["chunk_seqs"])
+        self.complete = attrs.get("status") == STATUS_COMPLETE
+        self.tokens = group[TOKENS]
+        self.doc_id = group[DOC_ID]
+        self.doc_offset = group[DOC_OFFSET]
+        self.n_seq: int = int(attrs["n_seq"]) if self.complete else self.manifest().n_seq
+
+    # ------------------------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        path_or_key,
+        cache_dir=None,
+        *,
+        model=None,
+        hook: str | None = None,
+        require_complete: bool = True,
+    ) -> ActivationStore:
+        """Open a store by key (under the cache home) or by path/URL.
+
+        model: a spec string (``"smollm2-135m"``, a folder) or a `LoadedModel` (then its weights hash
+            must match too); hook: a hook the caller needs.  Mismatches raise `StoreError`.
+        """
+        import zarr
+
+        location = resolve(path_or_key, cache_dir)
+        attrs = read_attrs(location)
+        if attrs is None:
+            raise StoreError(f"no activation store at {location} (see `tsae-cache ls`)")
+        if require_complete and attrs.get("status") != STATUS_COMPLETE:
+            raise StoreError(
+                f"store {attrs.get('key')} is incomplete (status {attrs.get('status')!r}); "
+                "rerun its `tsae-cache build` command to finish it"
+            )
+        store = cls(location, zarr.open_group(zarr_store(location, read_only=True), mode="r"), attrs)
+        store.check(model=model, hook=hook)
+        return store
+
+    def check(self, *, model=None, hook: str | None = None) -> None:
+        """Raise `StoreError` unless this store was built from ``model`` and holds ``hook``."""
+        if hook is not None and hook not in self.hooks:
+            raise StoreError(f"store {self.key} holds {', '.join(self.hooks)}, not {hook}")
+        if model is None:
+            return
+        m = self.attrs["model"]
+        if isinstance(model, str):
+            wanted = model.strip()
+            names = {m["name"], m["spec"], str(m.get("identity", {}).get("spec"))}
+            if Path(wanted).expanduser().is_dir():
+                wanted = str(Path(wanted).expanduser().resolve())
+            if wanted not in names and wanted.lower() not in names:
+                raise StoreError(f"store {self.key} was built from {m['name']}, not {model}")
+        else:
+            if model.weights_hash and model.weights_hash != m["weights_hash"]:
+                raise StoreError(
+                    f"store {self.key} was built from {m['name']} weights "
+                    f"{m['weights_hash'][:12]}, not {model.name} weights {model.weights_hash[:12]}"
+                )
+
+    def manifest(self) -> Manifest:
+        raw = read_key(self.group.store, MANIFEST_KEY)
+        if raw is None:
+            raise StoreError(f"store {self.key} has no manifest.json")
+        return Manifest.from_bytes(raw)
+
+    # ------------------------------------------------------------------------------------ reading
+    def activations(self, hook: str):
+        """The zarr array ``[n_seq, ctx, d]`` of one hook (stored dtype)."""
+        self.check(hook=hook)
+        return self.group[acts_name(hook)]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_seq * self.ctx
+
+    def read(self, seq_indices, hook: str) -> tuple[np.ndarray, np.ndarray]:
+        """Whole sequences: float32 ``[n, ctx, d]`` and int32 tokens ``[n, ctx]``, in the order asked."""
+        idx = np.asarray(seq_indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n_seq):
+            raise IndexError(f"sequence index out of range [0, {self.n_seq})")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        arr = self.activations(hook)
+        if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):  # one contiguous range: a slice read
+            a, t = arr[uniq[0] : uniq[-1] + 1], self.tokens[uniq[0] : uniq[-1] + 1]
+        else:
+            a, t = arr.get_orthogonal_selection((uniq,)), self.tokens.get_orthogonal_selection((uniq,))
+        return np.asarray(a, dtype=np.float32)[inverse], np.asarray(t)[inverse]
+
+    def window(self, seq: int, t: int, w: int, hook: str) -> tuple[np.ndarray, np.ndarray]:
+        """Positions ``[t, t + w)`` of sequence ``seq``: float32 ``[w, d]`` and int32 ``[w]``."""
+        if not (0 <= seq < self.n_seq and 0 <= t and w >= 1 and t + w <= self.ctx):
+            raise IndexError(f"window seq={seq} t={t} w={w} outside [0, {self.n_seq}) x [0, {self.ctx})")
+        a = self.activations(hook)[seq, t : t + w]
+        return np.asarray(a, dtype=np.float32), np.asarray(self.tokens[seq, t : t + w])
+
+    def iter_windows(
+        self,
+        hook: str,
+        window: int,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        seq_indices=None,
+        with_tokens: bool = True,
+        **kwargs,
+    ):
+        """`tsae.data.windows.WindowBatches` over this store: chunks and sequences shuffled, never
+        positions; extra keyword arguments (epochs, n_tokens, prefetch, device, ...) pass through."""
+        from tsae.data.windows import WindowBatches
+
+        return WindowBatches(
+            self.activations(hook),
+            self.tokens if with_tokens else None,
+            window=window,
+            batch_size=batch_size,
+            seed=seed,
+            seq_indices=seq_indices,
+            chunk_seqs=self.chunk_seqs,
+            **kwargs,
+        )
+
+    def stats(self, hook: str) -> dict:
+        """``{"mean": float64 [d], "mean_norm", "mean_sq_norm", "count"}`` over every stored token."""
+        self.check(hook=hook)
+        s = dict(self.attrs["stats"][hook])
+        s["mean"] = np.asarray(s["mean"], dtype=np.float64)
+        return s
+
+    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) sequence indices with whole documents on one side (no document leaks).
+
+        Documents are ordered by a seeded permutation and assigned to val until it holds at least
+        ``val_fraction`` of the sequences; both sides keep ascending order (chunk-friendly reads).
+        """
+        if not 0 < val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+        doc = np.asarray(self.doc_id[: self.n_seq])
+        docs, counts = np.unique(doc, return_counts=True)
+        order = np.random.default_rng(seed).permutation(len(docs))
+        take = np.searchsorted(np.cumsum(counts[order]), val_fraction * len(doc)) + 1
+        val_docs = docs[order[: min(take, max(len(docs) - 1, 1))]]
+        is_val = np.isin(doc, val_docs)
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({self.key}: {self.n_seq} seq x {self.ctx} pos, hooks {self.hooks}, "
+            f"{'complete' if self.complete else 'incomplete'})"
+        )
+
+
+# ------------------------------------------------------------------------------ the cache directory
+def list_stores(cache_dir=None) -> list[dict]:
+    """Every store directly under the cache home: ``{"key", "location", "attrs", "n_seq", "bytes"}``."""
+    home = paths.cache_home(cache_dir)
+    out = []
+    for location in _children(home):
+        attrs = read_attrs(location)
+        if attrs is None:
+            continue
+        n_seq = attrs.get("n_seq")
+        if attrs.get("status") != STATUS_COMPLETE:
+            raw = read_key(zarr_store(location, read_only=True), MANIFEST_KEY)
+            n_seq = Manifest.from_bytes(raw).n_seq if raw else 0
+        out.append(
+            {
+                "key": attrs["key"],
+                "location": location,
+                "attrs": attrs,
+                "n_seq": n_seq,
+                "bytes": _size(location),
+            }
+        )
+    return sorted(out, key=lambda s: s["key"])
+
+
+def remove(path_or_key, cache_dir=None) -> str | Path:
+    """Delete a store that lives directly under the cache home; refuses anything else."""
+    home = paths.cache_home(cache_dir)
+    location = resolve(path_or_key, cache_dir)
+    if isinstance(location, Path):
+        inside = location.resolve().parent == Path(home).resolve()
+    else:
+        inside = str(location).rstrip("/").rsplit("/", 1)[0] == home.rstrip("/")
+    if not inside:
+        raise StoreError(
+            f"refusing to remove {location}: it is not a store directly under the cache dir {home}"
+        )
+    attrs = read_attrs(location)
+    if attrs is None:
+        raise StoreError(f"no activation store at {location}")
+    if isinstance(location, Path):
+        import shutil
+
+        from pipeline.store_writer import _lock, _unlock
+
+        _unlock(_lock(location))  # refuses while a build holds the lock
+        shutil.rmtree(location)
+    else:
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(str(location))
+        fs.rm(path, recursive=True)
+    return location
+
+
+def _children(home: str) -> list:
+    if paths.is_url(home):
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(home)
+        proto = home.split("://", 1)[0]
+        try:
+            return [
+                f"{proto}://{p.lstrip('/')}" if proto != "memory" else f"memory://{p}"
+                for p in fs.ls(path, detail=False)
+            ]
+        except FileNotFoundError:
+            return []
+    root = Path(home)
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def _size(location) -> int:
+    if isinstance(location, Path):
+        return sum(p.stat().st_size for p in location.rglob("*") if p.is_file())
+    import fsspec.core
+
+    fs, path = fsspec.core.url_to_fs(str(location))
+    return int(fs.du(path))

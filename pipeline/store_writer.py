@@ -1,0 +1,356 @@
+"""The single writer of an activation store: creates or resumes it, writes whole chunks, keeps the manifest.
+
+Protocol (what makes a store safe to interrupt at any instant, `kill -9` included):
+
+1. The group is created with ``status = "building"`` and every array preallocated to a capacity of
+   whole chunks (from ``max_tokens`` when known, else grown by doubling; only this writer resizes).
+2. Chunk c (sequences ``[c*C, (c+1)*C)`` of every array) is written in full, in order.  Then its
+   sha256 per array and its float64 stat sums join the in-memory manifest.
+3. ``manifest.json`` is replaced atomically (LocalStore writes a temporary file and renames it)
+   after a chunk whenever the previous replacement is old enough relative to its own cost (so it
+   never takes more than ~2% of the writer's time); always at close.  A chunk is *completed* once a
+   manifest naming it is on disk; a crash loses at most the chunks written since, which a resumed
+   build simply rewrites (sequence order is deterministic).
+4. `finish` trims the arrays to ``n_seq``, writes the final manifest, then sets the root attributes
+   ``status = "complete"``, ``n_seq`` and ``stats``: the last write, so a reader never sees a
+   complete status over missing data.
+
+A local store is also guarded by an exclusive ``flock`` on ``.build.lock`` (released by the OS if the
+process dies), so two builds of one key cannot interleave.  `BackgroundWriter` runs a writer on its own
+thread behind a bounded queue, so the model never waits for the disk, checksums or stats.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.store_layout import (
+    DOC_ID,
+    DOC_OFFSET,
+    LOCK_FILE,
+    MANIFEST_KEY,
+    STATUS_BUILDING,
+    STATUS_COMPLETE,
+    TOKENS,
+    Manifest,
+    StatSums,
+    acts_name,
+    checksum,
+    normalise,
+    read_key,
+    write_key,
+    zarr_store,
+)
+
+FLUSH_OVERHEAD = 0.02  # at most this share of wall time goes to rewriting the manifest
+
+
+@dataclass
+class Chunk:
+    """One write unit: sequences ``[index * chunk_seqs, index * chunk_seqs + n)`` of every array."""
+
+    index: int
+    acts: dict[str, np.ndarray]  # hook -> [n, ctx, d] in the stored dtype
+    tokens: np.ndarray  # int32 [n, ctx]
+    doc_id: np.ndarray  # int64 [n]
+    doc_offset: np.ndarray  # int64 [n]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {acts_name(h): a for h, a in self.acts.items()}
+        out.update({TOKENS: self.tokens, DOC_ID: self.doc_id, DOC_OFFSET: self.doc_offset})
+        return out
+
+
+@dataclass
+class Layout:
+    """Array geometry.  ``inner_seqs=None``: plain chunks of ``chunk_seqs`` whole sequences;
+    an int: shards of ``chunk_seqs`` sequences made of inner chunks of ``inner_seqs`` sequences."""
+
+    hooks: list[str]
+    ctx: int
+    d_model: int
+    store_dtype: str
+    chunk_seqs: int = 64
+    inner_seqs: int | None = None
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Array name -> (shape of one row, dtype)."""
+        out = {acts_name(h): ((self.ctx, self.d_model), self.store_dtype) for h in self.hooks}
+        out.update({TOKENS: ((self.ctx,), "int32"), DOC_ID: ((), "int64"), DOC_OFFSET: ((), "int64")})
+        return out
+
+
+def _utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StoreWriter:
+    """Creates or resumes one store; `write` takes chunks in order; `finish` marks it complete."""
+
+    def __init__(self, location, group, manifest: Manifest, layout: Layout, lock_fd: int | None):
+        self.location, self.group, self.manifest, self.layout = location, group, manifest, layout
+        self._lock_fd = lock_fd
+        self._store = group.store
+        self._arrays = {name: group[name] for name in layout.specs()}
+        self._capacity = next(iter(self._arrays.values())).shape[0]
+        self._dirty = False
+        self._last_flush, self._flush_cost = time.perf_counter(), 0.0
+
+    # ---------------------------------------------------------------------------- open / create
+    @classmethod
+    def open(
+        cls, location, *, attrs: dict, layout: Layout, batch_size: int, capacity_seqs: int
+    ) -> StoreWriter:
+        """Resume the store at ``location`` if it exists with status building, else create it.
+
+        ``attrs["key"]`` must match an existing store's key.  Raises StoreError when the store is
+        already complete, belongs to another key, or is being built by another process.
+        """
+        import zarr
+
+        location = normalise(location)
+        lock_fd = _lock(location)
+        try:
+            store = zarr_store(location, read_only=False)
+            if read_key(store, "zarr.json") is not None:
+                group = zarr.open_group(store, mode="r+")
+                have = dict(group.attrs)
+                if have.get("key") != attrs["key"]:
+                    raise StoreError(f"{location} holds store {have.get('key')!r}, not {attrs['key']!r}")
+                if have.get("status") == STATUS_COMPLETE:
+                    raise StoreError(f"store {attrs['key']} is already complete")
+                raw = read_key(store, MANIFEST_KEY)
+                manifest = Manifest.from_bytes(raw) if raw else _fresh_manifest(layout, batch_size)
+                layout.chunk_seqs, layout.inner_seqs = have["chunk_seqs"], have.get("inner_seqs")
+                group.attrs.update({"resumed_at": [*have.get("resumed_at", []), _utcnow()]})
+            else:
+                group = _create(store, attrs, layout, capacity_seqs)
+                manifest = _fresh_manifest(layout, batch_size)
+                write_key(store, MANIFEST_KEY, manifest.to_bytes())
+            return cls(location, group, manifest, layout, lock_fd)
+        except BaseException:
+            _unlock(lock_fd)
+            raise
+
+    @property
+    def n_seq(self) -> int:
+        """Sequences durably written so far (a prefix of the build's sequence order)."""
+        return self.manifest.n_seq
+
+    # ------------------------------------------------------------------------------------- write
+    def write(self, chunk: Chunk) -> None:
+        m = self.manifest
+        if chunk.index != m.completed_chunks:
+            raise RuntimeError(f"chunk {chunk.index} written out of order (expected {m.completed_chunks})")
+        start = chunk.index * m.chunk_seqs
+        arrays = chunk.arrays()
+        n = len(chunk.tokens)
+        sums = {h: StatSums.of(a) for h, a in chunk.acts.items()}
+        for h, s in sums.items():
+            if not np.isfinite(s.sum).all() or not np.isfinite(s.sum_sq_norm):
+                raise StoreError(
+                    f"chunk {chunk.index} of {h} holds NaN/Inf (sequences {start}-{start + n - 1})"
+                    f"; with --store-dtype float16 this means values beyond +-65504: use float32"
+                )
+        try:
+            self._ensure_capacity(start + n)
+            for name, data in arrays.items():
+                self._arrays[name][start : start + n] = data
+        except OSError as e:
+            raise _io_error(
+                e, f"writing chunk {chunk.index} (sequences {start}-{start + n - 1})", self
+            ) from None
+        for name, data in arrays.items():
+            m.checksums.setdefault(name, []).append(checksum(data))
+        for h, s in sums.items():
+            m.sums[h] = m.sums[h] + s
+        m.completed_chunks += 1
+        m.n_seq = start + n
+        self._dirty = True
+        self.flush(force=False)
+
+    def flush(self, force: bool = True) -> None:
+        """Replace manifest.json if chunks completed since the last time (and, unless forced, it is due)."""
+        now = time.perf_counter()
+        if not self._dirty or (not force and now - self._last_flush < self._flush_cost / FLUSH_OVERHEAD):
+            return
+        try:
+            write_key(self._store, MANIFEST_KEY, self.manifest.to_bytes())
+        except OSError as e:
+            raise _io_error(e, "writing manifest.json", self) from None
+        self._last_flush = time.perf_counter()
+        self._flush_cost, self._dirty = self._last_flush - now, False
+
+    def finish(self, extra_attrs: dict) -> dict:
+        """Trim to the sequences written, record stats, set status complete; returns the final attrs."""
+        m = self.manifest
+        if m.n_seq == 0:
+            raise StoreError("no sequence was written")
+        try:
+            for arr in self._arrays.values():
+                arr.resize((m.n_seq, *arr.shape[1:]))
+            self.flush(force=True)
+            attrs = {
+                **extra_attrs,
+                "n_seq": m.n_seq,
+                "n_chunks": m.completed_chunks,
+                "stats": {h: s.stats() for h, s in m.sums.items()},
+                "completed_at": _utcnow(),
+                "status": STATUS_COMPLETE,
+            }
+            self.group.attrs.update(attrs)
+        except OSError as e:
+            raise _io_error(e, "finishing the store", self) from None
+        return dict(self.group.attrs)
+
+    def close(self) -> None:
+        """Flush what is done (best effort) and release the build lock."""
+        try:
+            self.flush(force=True)
+        except StoreError:
+            pass
+        finally:
+            _unlock(self._lock_fd)
+            self._lock_fd = None
+
+    def _ensure_capacity(self, n: int) -> None:
+        if n <= self._capacity:
+            return
+        c = self.manifest.chunk_seqs
+        new = max(2 * self._capacity, -(-n // c) * c)
+        for arr in self._arrays.values():
+            arr.resize((new, *arr.shape[1:]))
+        self._capacity = new
+
+
+def _fresh_manifest(layout: Layout, batch_size: int) -> Manifest:
+    return Manifest(
+        layout.chunk_seqs, batch_size, sums={h: StatSums.zeros(layout.d_model) for h in layout.hooks}
+    )
+
+
+def _create(store, attrs: dict, layout: Layout, capacity_seqs: int):
+    import zarr
+
+    c = layout.chunk_seqs
+    capacity = max(-(-capacity_seqs // c), 1) * c
+    group = zarr.create_group(
+        store,
+        attributes={
+            **attrs,
+            "status": STATUS_BUILDING,
+            "chunk_seqs": c,
+            "inner_seqs": layout.inner_seqs,
+            "created_at": _utcnow(),
+        },
+    )
+    for name, (row, dtype) in layout.specs().items():
+        if layout.inner_seqs is None:
+            chunks, shards = (c, *row), None
+        else:
+            chunks, shards = (layout.inner_seqs, *row), (c, *row)
+        group.create_array(
+            name,
+            shape=(capacity, *row),
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=None,
+            fill_value=0,
+            dimension_names=["seq", "pos", "d"][: 1 + len(row)],
+        )
+    return group
+
+
+def _io_error(e: OSError, what: str, writer: StoreWriter) -> StoreError:
+    kept = (
+        f"the {writer.manifest.completed_chunks} completed chunks are kept; rerun the same command to resume"
+    )
+    if e.errno == errno.ENOSPC:
+        return StoreError(f"disk full while {what} in {writer.location}: {kept} after freeing space")
+    return StoreError(f"cannot write {writer.location} ({what}): {e.strerror or e}; {kept}")
+
+
+def _lock(location) -> int | None:
+    """Exclusive, non-blocking flock for a local store (created if needed); None for URL stores."""
+    if not isinstance(location, Path):
+        return None
+    try:
+        location.mkdir(parents=True, exist_ok=True)
+        fd = os.open(location / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot create store {location}: {e.strerror or e}") from None
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(f"another process is building {location}; wait for it or stop it") from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+# ---------------------------------------------------------------------------------- writer thread
+class BackgroundWriter:
+    """Runs `StoreWriter.write` on a thread behind a queue of ``depth`` chunks.
+
+    `put` blocks only when the queue is full (the disk is slower than the model) and re-raises a
+    writer failure in the caller's thread; `close` waits for queued chunks and flushes the manifest.
+    """
+
+    def __init__(self, writer: StoreWriter, depth: int = 2):
+        self.writer = writer
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.busy_s = 0.0  # time the thread spent writing (stats, checksums, zarr)
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._q.get()
+            if chunk is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure so `put` never blocks forever
+            t = time.perf_counter()
+            try:
+                self.writer.write(chunk)
+            except BaseException as e:  # surfaced by put/close in the main thread
+                self._error = e
+            self.busy_s += time.perf_counter() - t
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, chunk: Chunk) -> None:
+        while True:
+            self._check()
+            try:
+                self._q.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Finish the queued chunks, stop the thread, flush; re-raise a write failure if one happened."""
+        self._q.put(None)
+        self._thread.join()
+        self._check()
+        self.writer.flush(force=True)
