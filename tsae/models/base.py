@@ -120,4 +120,5 @@ class SAE(nn.Module):
         d = json.loads((folder / CONFIG_FILE).read_text())
         model = cls.from_config_dict(d)
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
-        return model.to(device)
+        # Eval mode: some SAEs (BatchTopK) are only causal per token at inference.
+        return model.to(device).eval()

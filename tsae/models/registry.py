@@ -31,8 +31,12 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}")
-    architecture = json.loads(cfg_path.read_text()).get("architecture", "")
-    return sae_class(architecture).load(folder, device=device)
+    cfg = json.loads(cfg_path.read_text())
+    from tsae.models.saelens_format import load_saelens, looks_like_saelens
+
+    if looks_like_saelens(cfg):  # a folder written by SAELens itself, e.g. a published SAE
+        return load_saelens(folder, device=device)
+    return sae_class(cfg.get("architecture", "")).load(folder, device=device)
 
 
 def _import_builtin_models() -> None:
