@@ -1,0 +1,265 @@
+"""The one training loop every trainer drives.
+
+One step, on a batch of windows x [B, w, d] (raw activations) at global token count t:
+
+    x      <- s * x                              s = sqrt(d) / E||x||        (scaling.py)
+    c      <- schedule.at(t)                     {"lr": .., "k": .., "gate_open": .., ...}
+    out    <- model(x)
+    terms  <- model.loss_terms(x, out, c)        {"loss": total, named terms ...}
+    grads  <- d terms["loss"];  clip ||grads|| to grad_clip
+    guard:  loss or grad norm not finite   -> skip the step, log {"event": "skipped_nan"}
+            loss > spike_factor x median of the last accepted losses -> skip, {"event": "skipped_spike"}
+            max_consecutive_skips skips in a row, or non-finite weights at a log point
+                                             -> restore the last in-memory snapshot, {"event": "restored"}
+    Adam step (lr = c["lr"]), model.after_step(), callbacks (e.g. revival)
+    t <- t + B w   (tokens and batches count as consumed even when a step is skipped: they are the
+                    schedule clock and the loader position)
+
+The guard costs one device sync per step (a 2-element .tolist()); every other statistic is
+accumulated on the device and synced only every `log_every` steps, when a JSONL record is written
+with each loss term's mean over the interval, L0, dead fraction, scheduled coefficients (lr, k,
+gate openness, ..., under "coeff/<name>"), tokens seen, tokens/s and the time spent waiting for the loader.
+
+Checkpoints (checkpoint.py) carry model, optimiser, RNG states and `state` (step, tokens, batches,
+phase, guard history, scale, plus whatever the trainer adds, e.g. the loader seed), so a trainer
+that re-creates its loader at `state["batches"]` resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tsae.models.base import SAE, SAEOutput
+from tsae.train.checkpoint import load_checkpoint, save_checkpoint
+from tsae.train.schedule import Schedule
+
+Callback = Callable[["TrainLoop", Tensor, SAEOutput, dict[str, Tensor]], None]
+
+
+def auto_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LoopConfig:
+    lr: float = 3e-4  # the optimiser's initial lr; the schedule's "lr" overrides it every step
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    log_every: int = 100  # steps
+    checkpoint_every: int = 0  # steps; 0: only at phase ends
+    keep_checkpoints: int = 2  # periodic checkpoints kept (phase-end ones are always kept)
+    spike_factor: float = 10.0
+    spike_window: int = 64  # accepted losses in the running median
+    spike_min_history: int = 20  # no spike detection before this many accepted steps
+    max_consecutive_skips: int = 20  # then restore the last snapshot; 0 disables snapshots
+    dead_window_tokens: int = 1_000_000
+    progress: bool = True
+
+
+class JsonlLog:
+    """Append-only JSON-lines log (flushed per record); `records` keeps them in memory too."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.records: list[dict[str, Any]] = []
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class TrainLoop:
+    def __init__(self, model: SAE, cfg: LoopConfig, *, scale: float, device: str | torch.device = "auto",
+                 out_dir: str | Path | None = None, log: JsonlLog | None = None):
+        self.cfg, self.device = cfg, auto_device(device)
+        self.model = model.to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.log = log or JsonlLog(self.out_dir / "train_log.jsonl" if self.out_dir else None)
+        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "batches": 0, "skipped": 0, "restored": 0,
+                                      "phase": "", "scale": float(scale), "history": [], "run_skips": 0}
+        self._snapshot: tuple[dict, dict] | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.state["scale"]
+
+    # ---- events and snapshots ----------------------------------------------------------------
+    def event(self, event: str, **fields) -> None:
+        s = self.state
+        self.log.write({"event": event, "step": s["step"], "tokens": s["tokens"], "phase": s["phase"],
+                        **fields})
+
+    def _take_snapshot(self) -> None:
+        if self.cfg.max_consecutive_skips:
+            self._snapshot = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                              copy.deepcopy(self.opt.state_dict()))
+
+    def _restore_snapshot(self, reason: str) -> None:
+        if self._snapshot is None:
+            raise RuntimeError(f"training diverged ({reason}) and there is no snapshot to restore")
+        self.model.load_state_dict(self._snapshot[0])
+        self.opt.load_state_dict(self._snapshot[1])
+        self.state["restored"] += 1
+        self.state["run_skips"] = 0
+        self.event("restored", reason=reason)
+
+    # ---- the guard ---------------------------------------------------------------------------
+    def _verdict(self, loss: float, gnorm: float) -> str | None:
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            return "skipped_nan"
+        h = self.state["history"]
+        if len(h) >= self.cfg.spike_min_history and loss > self.cfg.spike_factor * statistics.median(h):
+            return "skipped_spike"
+        return None
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self, batches: Iterable, schedule: Schedule, until_tokens: int, phase: str = "",
+            callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+        """Train on `batches` until the global token count reaches `until_tokens` (or the batches
+        run out).  Returns the loop state."""
+        from tqdm.auto import tqdm
+
+        cfg, s, model, opt = self.cfg, self.state, self.model, self.opt
+        s["phase"] = phase
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._take_snapshot()
+        acc: dict[str, Tensor] = {}
+        n_acc, wait, t_last, tok_last = 0, 0.0, time.perf_counter(), s["tokens"]
+        bar = tqdm(total=until_tokens, initial=s["tokens"], unit="tok", unit_scale=True,
+                   disable=not cfg.progress, desc=phase or "train", leave=False)
+        it = iter(batches)
+        coeffs: dict[str, float] = {}
+        lr: float | None = None
+        try:
+            while s["tokens"] < until_tokens:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                wait += time.perf_counter() - t0
+                x = batch.acts if hasattr(batch, "acts") else batch
+                x = x.to(self.device, non_blocking=True) * s["scale"]
+
+                coeffs = schedule.at(s["tokens"])
+                lr = coeffs.pop("lr", None)
+                if lr is not None:
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                out = model(x)
+                terms = model.loss_terms(x, out, coeffs)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                loss_v, gnorm_v = torch.stack([terms["loss"].detach(), gnorm.detach()]).tolist()
+
+                s["step"] += 1
+                s["batches"] += 1
+                s["tokens"] += x.shape[0] * x.shape[1]
+                verdict = self._verdict(loss_v, gnorm_v)
+                if verdict:
+                    opt.zero_grad(set_to_none=True)
+                    s["skipped"] += 1
+                    s["run_skips"] += 1
+                    self.event(verdict, loss=loss_v, grad_norm=gnorm_v)
+                    if cfg.max_consecutive_skips and s["run_skips"] >= cfg.max_consecutive_skips:
+                        self._restore_snapshot(f"{s['run_skips']} consecutive skipped steps")
+                else:
+                    opt.step()
+                    model.after_step()
+                    s["run_skips"] = 0
+                    s["history"] = (s["history"] + [loss_v])[-cfg.spike_window :]
+                    for name, v in terms.items():
+                        v = v.detach()
+                        acc[name] = acc[name] + v if name in acc else v.clone()
+                    n_acc += 1
+                    for cb in callbacks:
+                        cb(self, x, out, terms)
+
+                if s["step"] % cfg.log_every == 0:
+                    self._log_interval(acc, n_acc, coeffs, lr, wait, t_last, tok_last)
+                    bar.update(s["tokens"] - tok_last)
+                    acc, n_acc, wait, t_last, tok_last = {}, 0, 0.0, time.perf_counter(), s["tokens"]
+                    self._take_snapshot()
+                if cfg.checkpoint_every and s["step"] % cfg.checkpoint_every == 0:
+                    self.checkpoint(f"step_{s['step']:08d}")
+        finally:
+            bar.close()
+            close = getattr(it, "close", None)
+            if close:
+                close()
+        if n_acc:
+            self._log_interval(acc, n_acc, coeffs, lr, wait, t_last, tok_last)
+        return s
+
+    def _log_interval(self, acc, n_acc, coeffs, lr, wait, t_last, tok_last) -> None:
+        s = self.state
+        dt = max(time.perf_counter() - t_last, 1e-9)
+        rec: dict[str, Any] = {"step": s["step"], "tokens": s["tokens"], "phase": s["phase"]}
+        if n_acc:
+            names = list(acc)
+            means = (torch.stack([acc[n].float() for n in names]) / n_acc).tolist()
+            rec.update(dict(zip(names, means, strict=True)))
+        if "dead_frac" not in rec and hasattr(self.model, "activity"):
+            dead = self.model.activity.dead_mask(self.cfg.dead_window_tokens)
+            rec["dead_frac"] = float(dead.float().mean())
+        rec["lr"] = lr if lr is not None else self.opt.param_groups[0]["lr"]
+        rec.update({f"coeff/{k}": v for k, v in coeffs.items()})
+        rec.update(tokens_per_s=(s["tokens"] - tok_last) / dt, loader_wait_s=wait, skipped=s["skipped"])
+        self.log.write(rec)
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self._restore_snapshot("non-finite weights")
+
+    # ---- persistence -------------------------------------------------------------------------
+    def checkpoint(self, name: str) -> Path | None:
+        """Save a checkpoint under out_dir/checkpoints/<name> and point `latest` at it."""
+        if self.out_dir is None:
+            return None
+        root = self.out_dir / "checkpoints"
+        path = save_checkpoint(root / name, self.model, self.opt, self.state)
+        (root / "latest").write_text(name)
+        periodic = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in periodic[: max(len(periodic) - self.cfg.keep_checkpoints, 0)]:
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        self.event("checkpoint", checkpoint=name)
+        return path
+
+    def resume(self, folder: str | Path) -> dict[str, Any]:
+        """Restore model, optimiser, RNGs and state from a checkpoint folder (or a run folder with
+        checkpoints/latest)."""
+        folder = Path(folder)
+        if (folder / "checkpoints" / "latest").is_file():
+            folder = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
+        self.state = load_checkpoint(folder, self.model, self.opt)
+        self.event("resumed", checkpoint=str(folder))
+        return self.state
+
+    def exported(self) -> SAE:
+        """A CPU copy of the model for raw activations (the input scale folded in)."""
+        model = copy.deepcopy(self.model).cpu().eval()
+        model.fold_input_scale(self.scale)
+        return model
+
+    def export(self, folder: str | Path) -> Path:
+        return self.exported().save(folder)
