@@ -55,11 +55,15 @@ def is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / HASH_FILE).is_file()
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
 def model_folder(models_dir: Path) -> Path:
     """The converted SmolLM2 folder under `models_dir`, converting the GGUF on first use."""
     folder = models_dir / MODEL_DIR
     if not is_complete(folder):
-        _write_atomically(folder, _convert_model)
+        _write_atomically(folder, _convert_model, is_complete)
     return folder
 
 
@@ -75,8 +79,8 @@ def load_tokenizer(models_dir: Path):
     if is_complete(full):
         return AutoTokenizer.from_pretrained(full)
     folder = models_dir / TOKENIZER_DIR
-    if not (folder / "tokenizer_config.json").is_file():
-        _write_atomically(folder, _extract_tokenizer)
+    if not _has_tokenizer(folder):
+        _write_atomically(folder, _extract_tokenizer, _has_tokenizer)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -84,12 +88,13 @@ def _convert_model(dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import state_dict_sha256
+    from pipeline.models import quiet_transformers, state_dict_sha256
 
     gguf = gguf_path()
     log.warning("converting %s to a Hugging Face folder (once, about 15 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses to serialise while it remembers its quantisation.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -102,25 +107,34 @@ def _convert_model(dest: Path) -> None:
 def _extract_tokenizer(dest: Path) -> None:
     from transformers import AutoTokenizer
 
+    from pipeline.models import quiet_transformers
+
     gguf = gguf_path()
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dest)
+    with quiet_transformers():
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dest)
 
 
-def _write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` into a fresh temporary sibling of `dest`, then rename it into place."""
+def _write_atomically(dest: Path, write: Callable[[Path], None], complete: Callable[[Path], bool]) -> None:
+    """Run `write(tmp)` into a fresh temporary sibling of `dest`, then rename it into place.
+
+    If `dest` appears meanwhile and is `complete`, another process won the race and its copy is kept;
+    an incomplete `dest` (a leftover from an interrupted copy) is replaced."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(dest)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
-        if dest.exists() and not is_complete(dest) and dest.name == MODEL_DIR:
-            shutil.rmtree(dest, ignore_errors=True)  # a leftover that never finished
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not dest.exists():
-                raise
-            # Another process finished first; its result is equally good.
+        for _ in range(2):
+            try:
+                os.rename(tmp, dest)
+                return
+            except OSError:
+                if not dest.exists():
+                    raise
+                if complete(dest):
+                    return
+                shutil.rmtree(dest, ignore_errors=True)
+        raise ModelError(f"cannot write {dest}: it keeps reappearing incomplete; remove it and retry")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

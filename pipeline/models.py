@@ -20,6 +20,7 @@ cheap, so CLI `--help` does not pay the ~3 s start-up of transformer_lens.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import inspect
@@ -248,8 +249,11 @@ def _from_hf_folder(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_files_only)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        hf = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local_files_only
+        )
     bridge = TransformerBridge.boot_transformers(
         str(source), hf_model=hf, tokenizer=tokenizer, device=device, dtype=torch_dtype
     )
@@ -270,6 +274,20 @@ def _wrap(bridge, tokenizer, name: str, weights_hash: str, dtype: str, device: s
         dtype=dtype,
         device=device,
     )
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' per-load progress bars ("Loading weights") inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # -- hashing ------------------------------------------------------------------------------------------

@@ -149,3 +149,28 @@ def test_smollm2_residuals_equal_hf_hidden_states(smollm2, models_home, monkeypa
     local = load_model(str(folder), cache_home=models_home)
     assert (local.name, local.n_layers) == (str(folder), 30)
     torch.testing.assert_close(local.run_to_hooks(tokens, [hook])[hook], got, rtol=0, atol=0)
+
+
+def test_conversion_writes_atomically(tmp_path):
+    dest = tmp_path / "models" / embedded.MODEL_DIR
+
+    def crash(tmp):
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-conversion")
+
+    with pytest.raises(RuntimeError):
+        embedded._write_atomically(dest, crash, embedded.is_complete)
+    assert list(dest.parent.iterdir()) == []  # no half folder, no temporary left behind
+
+    def finish(tmp):
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+        (tmp / embedded.HASH_FILE).write_text("abc\n")
+
+    dest.mkdir()
+    (dest / "config.json").write_text("{}")  # an interrupted copy without the hash file
+    embedded._write_atomically(dest, finish, embedded.is_complete)
+    assert embedded.is_complete(dest) and embedded.read_weights_hash(dest) == "abc"
+    embedded._write_atomically(dest, finish, embedded.is_complete)  # a second writer loses the race
+    assert [p.name for p in dest.parent.iterdir()] == [embedded.MODEL_DIR]  # the loser cleans up
