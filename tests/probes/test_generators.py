@@ -75,15 +75,15 @@ def test_counterfactuals_align_and_flip(datasets, tokenizer):
         )
 
 
-def test_label_not_in_last_token_for_temporal_templates(datasets):
-    """The decision-point word is the same few words, equally often, for both labels."""
+def test_label_not_in_last_token_for_temporal_templates(datasets, tokenizer):
+    """The decision-point token is one of a few, equally often for both labels."""
     for task in ("coreference", "disambiguation"):
         items = by_split(datasets[task], "test")
         last = {
-            lab: collections.Counter(it.prefix.split()[-1] for it in items if it.label == lab)
+            lab: collections.Counter(tokenizer.encode(it.prefix)[-1] for it in items if it.label == lab)
             for lab in (0, 1)
         }
-        assert set(last[0]) == set(last[1]) and len(last[0]) <= 2
+        assert set(last[0]) == set(last[1]) and len(last[0]) <= 4
         for word in last[0]:
             p0, p1 = last[0][word] / sum(last[0].values()), last[1][word] / sum(last[1].values())
             assert abs(p0 - p1) < 0.1, (task, word, p0, p1)
@@ -96,6 +96,15 @@ def test_label_not_in_last_token_for_temporal_templates(datasets):
                 or it.meta["attractor_number"] == "plural"
             )
             assert it.meta["subject"] not in it.prefix.split()[-1:]
+
+
+def test_coreference_referent_position_independent_of_label(datasets):
+    items = datasets["coreference"]
+    for lab in (0, 1):
+        sub = [it for it in items if it.label == lab]
+        assert 0.45 < sum(it.meta["referent"] == "first" for it in sub) / len(sub) < 0.55
+    for it in items:  # the distractor always has the other gender: the answer is never the only option
+        assert it.meta["subject"] in it.prefix and it.meta["distractor"] in it.prefix
 
 
 def test_attractor_number_independent_of_label(datasets):

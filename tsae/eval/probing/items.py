@@ -144,3 +144,35 @@ def by_split(items: Iterable[ProbeItem], split: str) -> list[ProbeItem]:
 def even(n: int, n_labels: int = 2) -> int:
     """Round n up to a multiple of the number of labels."""
     return -(-n // n_labels) * n_labels
+
+
+@dataclass
+class PrefixBatch:
+    """Right-padded token ids of some items' prefixes; position `last[b]` is item b's decision point."""
+
+    index: list[int]  # positions of these items in the list given to `prefix_batches`
+    tokens: Any  # LongTensor [B, T]
+    last: Any  # LongTensor [B]
+
+
+def prefix_batches(
+    tokenizer, items: Sequence[ProbeItem], batch_size: int = 32, bos_token_id: int | None = None
+):
+    """Yield `PrefixBatch`es of items grouped by token length (little padding).
+
+    Padding goes on the right, after each item's decision point, so in a causal model (and a causal
+    SAE) it cannot change anything at or before `last`; no attention mask is needed.
+    """
+    import torch
+
+    ids = [tokenizer.encode(it.prefix, add_special_tokens=False) for it in items]
+    if bos_token_id is not None:
+        ids = [[bos_token_id, *x] for x in ids]
+    order = sorted(range(len(items)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in index)
+        tokens = torch.zeros(len(index), width, dtype=torch.long)
+        for row, i in enumerate(index):
+            tokens[row, : len(ids[i])] = torch.tensor(ids[i])
+        yield PrefixBatch(index, tokens, torch.tensor([len(ids[i]) - 1 for i in index]))
