@@ -148,7 +148,7 @@ TOKENIZATION = {  # how pipeline.sequences cuts documents; bump "version" if tha
 def plan(cfg: CacheConfig, model=None) -> Plan:
     """Hooks, key and store location for ``cfg``; loads nothing unless the model identity or the
     default layer cannot be known cheaply (a hub model not in the local cache) and no model is given."""
-    from pipeline.sources import source_fingerprint
+    from pipeline.sources import iter_documents, source_fingerprint
 
     _validate(cfg)
     identity = cache_key.model_identity(cfg.model, cfg.cache_dir)
@@ -164,6 +164,7 @@ def plan(cfg: CacheConfig, model=None) -> Plan:
         identity = {"spec": cfg.model, "weights_sha256": model.weights_hash}
     if hooks is None:
         hooks = _hooks(cfg, model.n_layers)
+    iter_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.config)  # checks the source; reads nothing
     dataset = {
         "dataset": cfg.dataset,
         "split": cfg.split,

@@ -1,0 +1,116 @@
+"""Interrupted builds resume exactly: Ctrl-C (SIGINT) and `kill -9` of a real `tsae-cache build` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from pipeline.cache_runner import CacheConfig, build_cache
+from pipeline.store import ActivationStore
+from pipeline.verify import verify_store
+
+# The child is the real CLI with each forward pass slowed down, so a signal lands mid-build.
+SLOW_CLI = """
+import sys, time
+from pipeline import models
+forward = models.LoadedModel.run_to_hooks
+def slow(self, tokens, hooks):
+    time.sleep(0.04)
+    return forward(self, tokens, hooks)
+models.LoadedModel.run_to_hooks = slow
+from pipeline.cli_cache import main
+main(sys.argv[1:])
+"""
+ARGS = [
+    "build",
+    "--model",
+    "tiny",
+    "--ctx",
+    "32",
+    "--max-tokens",
+    str(32 * 96),
+    "--chunk-seqs",
+    "8",
+    "--batch-size",
+    "4",
+    "--no-progress",
+]
+
+
+def completed(manifest) -> int:
+    try:
+        return json.loads(manifest.read_text())["completed_chunks"]
+    except (OSError, ValueError):
+        return -1
+
+
+def run_until(script, cache_dir, key_dir, at_least: int, sig: int) -> subprocess.CompletedProcess:
+    """Start the slow build, send `sig` once `at_least` chunks are in the manifest, wait for exit."""
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *ARGS, "--cache-dir", str(cache_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 90
+    while completed(key_dir / "manifest.json") < at_least:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the build never reached the chunk to interrupt"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_ctrl_c_then_kill_9_then_resume_equals_uninterrupted(tiny_model, tmp_cache_dir, tmp_path):
+    cfg = CacheConfig(
+        model="tiny",
+        ctx=32,
+        max_tokens=32 * 96,
+        chunk_seqs=8,
+        batch_size=4,
+        progress=False,
+        cache_dir=str(tmp_path / "reference"),
+    )
+    reference = ActivationStore.open(build_cache(cfg, model=tiny_model).location)
+    key_dir = tmp_cache_dir / reference.key
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+
+    # Ctrl-C: exits 130 with one line, the store stays resumable and is refused by readers
+    p = run_until(script, tmp_cache_dir, key_dir, 2, signal.SIGINT)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: interrupted: ") and "rerun the same command to resume" in line
+    kept = json.loads((key_dir / "manifest.json").read_text())
+    assert 2 <= kept["completed_chunks"] < 12 and f"{kept['n_seq']} sequences" in line
+    assert json.loads((key_dir / "zarr.json").read_text())["attributes"]["status"] == "building"
+
+    # kill -9 of the resumed build, further along: no cleanup at all
+    p = run_until(script, tmp_cache_dir, key_dir, kept["completed_chunks"] + 3, signal.SIGKILL)
+    assert p.returncode == -signal.SIGKILL
+    killed = json.loads((key_dir / "manifest.json").read_text())
+    assert killed["completed_chunks"] >= kept["completed_chunks"] + 3 and killed["n_seq"] < 96
+    assert not ActivationStore.open(key_dir, require_complete=False).complete
+
+    # resume to the end: exactly the uninterrupted store, nothing lost or duplicated
+    done = build_cache(CacheConfig(**{**cfg.__dict__, "cache_dir": str(tmp_cache_dir)}), model=tiny_model)
+    assert done.key == reference.key and done.resumed_seqs == killed["n_seq"]
+    assert done.computed_tokens == (96 - killed["n_seq"]) * 32
+    store = ActivationStore.open(done.key)
+    assert store.n_seq == reference.n_seq == 96
+    for name in ["acts/blocks.1.hook_resid_post", "tokens", "doc_id", "doc_offset"]:
+        np.testing.assert_array_equal(store.group[name][:], reference.group[name][:], err_msg=name)
+    assert store.manifest().checksums == reference.manifest().checksums
+    assert store.attrs["stats"] == reference.attrs["stats"]
+    assert len(store.attrs["resumed_at"]) == 2 and verify_store(done.key).ok
+    assert not (
+        set(os.listdir(key_dir))
+        - {"zarr.json", "manifest.json", ".build.lock", "acts", "tokens", "doc_id", "doc_offset"}
+    )
