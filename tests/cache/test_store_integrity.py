@@ -1,4 +1,4 @@
-"""Damage and failure: verify names damaged chunks, HDF5 export round-trips, a full disk keeps a resumable store."""
+"""Damage and failure: verify names damaged chunks, HDF5 export round-trips, a full disk is resumable."""
 
 from __future__ import annotations
 
