@@ -193,7 +193,7 @@ def _load_tiny(spec: str, models_dir: Path, dtype: str, device: str) -> LoadedMo
     from transformer_lens import TransformerBridge
     from transformer_lens.config import TransformerBridgeConfig
 
-    overrides = _parse_overrides(spec)
+    overrides = parse_tiny_overrides(spec)
     settings = _tiny_settings(overrides)
     tokenizer = embedded.load_tokenizer(models_dir)
     config = TransformerBridgeConfig(d_vocab=len(tokenizer), **settings)
@@ -214,13 +214,18 @@ def _load_folder(folder: Path, models_dir: Path, dtype: str, device: str) -> Loa
     folder = folder.resolve()
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    loaded = _from_hf_folder(folder, str(folder), dtype, device)
+    try:
+        loaded = _from_hf_folder(folder, str(folder), dtype, device)
+    except Exception as err:  # transformers and TransformerLens raise many types for unusable folders
+        raise ModelError(
+            f"cannot load model folder {folder}: {type(err).__name__}: {_one_line(err)}"
+        ) from None
     loaded.weights_hash = folder_weights_hash(folder, models_dir)
     return loaded
 
 
 def _load_hub(name: str, models_dir: Path, dtype: str, device: str) -> LoadedModel:
-    snapshot = _cached_snapshot(name)
+    snapshot = cached_snapshot(name)
     if snapshot is None:
         reason = hub.unreachable_reason()
         if reason:
@@ -232,7 +237,7 @@ def _load_hub(name: str, models_dir: Path, dtype: str, device: str) -> LoadedMod
         loaded = _from_hf_folder(name, name, dtype, device, local_files_only=snapshot is not None)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load model {name!r} from the Hugging Face hub: {_one_line(err)}") from None
-    snapshot = snapshot or _cached_snapshot(name)
+    snapshot = snapshot or cached_snapshot(name)
     loaded.weights_hash = (
         folder_weights_hash(snapshot, models_dir)
         if snapshot
@@ -358,7 +363,8 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _parse_overrides(spec: str) -> dict[str, Any]:
+def parse_tiny_overrides(spec: str) -> dict[str, Any]:
+    """`"tiny:n_layers=3,seed=1"` -> `{"n_layers": 3, "seed": 1}` (cheap: no validation, no imports)."""
     _, _, body = spec.partition(":")
     overrides: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in body.split(","))):
@@ -398,7 +404,7 @@ def _tiny_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _cached_snapshot(name: str) -> Path | None:
+def cached_snapshot(name: str) -> Path | None:
     """The local HF-cache snapshot folder of hub model `name`, if its config is cached."""
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -407,6 +413,11 @@ def _cached_snapshot(name: str) -> Path | None:
     except Exception:  # an invalid repo id, for example
         return None
     return Path(hit).parent if isinstance(hit, str) else None
+
+
+# Older private names, still used by pipeline.cache_key.
+_parse_overrides = parse_tiny_overrides
+_cached_snapshot = cached_snapshot
 
 
 def _one_line(err: BaseException) -> str:

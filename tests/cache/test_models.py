@@ -98,6 +98,9 @@ def test_bad_specs_fail_fast_with_one_line(models_home, tmp_path):
         load_model(str(tmp_path / "missing-model"), cache_home=models_home)
     with pytest.raises(ModelError, match="not a Hugging Face model folder"):
         load_model(str(tmp_path), cache_home=models_home)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelError, match="cannot load model folder"):
+        load_model(str(tmp_path), cache_home=models_home)
     with pytest.raises(ModelError, match="unknown dtype"):
         load_model("tiny", dtype="float8", cache_home=models_home)
     with pytest.raises(ModelError, match="unknown tiny setting d_modle"):
