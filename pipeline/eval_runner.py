@@ -306,7 +306,6 @@ def _reach(cfg: EvalConfig, model, hook: str, sae, codes, tokens, skip: int) -> 
 def _tasks(cfg: EvalConfig, model, hook: str, saes: dict, prepend_bos: bool) -> dict[str, dict]:
     import tsae.eval.probing as probing
     from tsae.eval import faithfulness as fa
-    from tsae.eval.probing.behaviour import behavioural_accuracy
 
     reports: dict[str, dict] = {}
     bos = model.bos_token_id if prepend_bos else None
@@ -320,12 +319,10 @@ def _tasks(cfg: EvalConfig, model, hook: str, saes: dict, prepend_bos: bool) -> 
         test = probing.by_split(items, "test")
         rep: dict = {"task": task, "n_items": len(items), "hook": hook}
         if "probes" in cfg.metrics:
-            rep["behaviour"] = behavioural_accuracy(model, test, prepend_bos=prepend_bos)
-            if hasattr(probing, "collect_features") and hasattr(probing, "probe_report"):
-                feats = probing.collect_features(model, items, hook, saes)
-                rep["probes"] = probing.probe_report(feats, items, seeds=cfg.seeds)
-            else:
-                rep["probes"] = None  # the probe module is not available in this build
+            rep["behaviour"] = probing.behavioural_accuracy(model, test, prepend_bos=prepend_bos)
+            feats = probing.collect_features(model, items, hook, saes, batch_size=cfg.batch_size,
+                                             prepend_bos=prepend_bos)
+            rep["probes"] = probing.probe_report(feats, items, seeds=cfg.seeds)
         if "faithfulness" in cfg.metrics:
             batch = fa.encode_items(model.tokenizer, test[: cfg.faithfulness_items], bos_token_id=bos)
             rep["faithfulness"] = {

@@ -69,6 +69,7 @@ def test_run_eval_writes_finite_metrics_for_every_sae(tiny_model, store_key, tmp
         assert len(feats["firing_rate"]) == 96
     probe = json.loads((out / "probes" / "agreement.json").read_text())
     assert probe["behaviour"]["n"] == 8 and set(probe["faithfulness"]) == set(results)
+    assert set(probe["probes"]["sources"]) == {"residual", *results}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["saes"]) == set(results) and "splice.ce_score" in summary["saes"]["topk"]
 

@@ -76,21 +76,18 @@ def single_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def encode_items(tokenizer, items, *, bos_token_id: int | None = None, pad_token_id: int = 0) -> TaskBatch:
-    """Tokenise probe items (`prefix`, `correct`, `incorrect`), optionally prepending BOS, right-padded."""
-    seqs = []
-    for item in items:
-        ids = tokenizer.encode(item.prefix, add_special_tokens=False)
-        seqs.append(([bos_token_id] if bos_token_id is not None else []) + list(ids))
-    T = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s)
+def encode_items(tokenizer, items, *, bos_token_id: int | None = None) -> TaskBatch:
+    """Probe items (`tsae.eval.probing.ProbeItem`) as one right-padded TaskBatch, tokenised exactly as
+    the probes tokenise them (`prefix_batches`: prefix without special tokens, BOS optionally first)."""
+    from tsae.eval.probing.items import prefix_batches
+
+    (b,) = prefix_batches(tokenizer, items, batch_size=len(items), bos_token_id=bos_token_id)
+    order = [items[i] for i in b.index]  # sorted by length
     return TaskBatch(
-        tokens=tokens,
-        position=torch.tensor([len(s) - 1 for s in seqs]),
-        correct=torch.tensor([single_token(tokenizer, it.correct) for it in items]),
-        incorrect=torch.tensor([single_token(tokenizer, it.incorrect) for it in items]),
+        tokens=b.tokens,
+        position=b.last,
+        correct=torch.tensor([single_token(tokenizer, it.correct) for it in order]),
+        incorrect=torch.tensor([single_token(tokenizer, it.incorrect) for it in order]),
     )
 
 
