@@ -164,3 +164,15 @@ def test_drop_last_and_wait_time():
     sizes = [len(b) for b in wb]
     assert sizes == [10] * (N_SEQ * 4 // 10)
     assert wb.wait_s > 0
+
+
+def test_skip_leaves_out_leading_positions():
+    a = coded_acts()
+    assert window_starts(20, 6, skip=1).tolist() == [1, 7, 13, 14]
+    wb = WindowBatches(a, window=6, batch_size=9, seed=0, chunk_seqs=4, skip=1)
+    got = windows_of(wb)
+    covered = np.zeros((N_SEQ, CTX), dtype=bool)
+    for s, t in got:
+        covered[s, t : t + 6] = True
+    assert not covered[:, 0].any() and covered[:, 1:].all()
+    assert wb.sample_sequences(5).shape == (5, CTX - 1, D)

@@ -6,7 +6,8 @@ array-like `acts [n_seq, ctx, d]` (numpy, memmap, zarr) and optionally `tokens [
 Windows of one sequence tile it: starts 0, w, 2w, ... .  When `ctx % w != 0` the remaining
 `ctx % w` positions are covered by one extra window aligned to the end (start `ctx - w`), which
 overlaps the previous window; so every position is seen at least once per epoch and none is
-silently dropped (`tail="drop"` drops the remainder instead, explicitly).
+silently dropped (`tail="drop"` drops the remainder instead, explicitly).  `skip=s` tiles
+positions [s, ctx) instead (e.g. s = 1 leaves out a BOS position, whose residual is an outlier).
 
 Order of one epoch, fully determined by `(seed, epoch)` and independent of the data:
 
@@ -57,16 +58,17 @@ class WindowBatch:
         return WindowBatch(mv(self.acts), mv(self.tokens), mv(self.seq), mv(self.start))
 
 
-def window_starts(ctx: int, window: int, tail: str = "align_end") -> np.ndarray:
-    """Start positions of the windows cutting a sequence of `ctx` positions (see module doc)."""
-    if not 1 <= window <= ctx:
-        raise ValueError(f"window must be in [1, ctx={ctx}], got {window}")
+def window_starts(ctx: int, window: int, tail: str = "align_end", skip: int = 0) -> np.ndarray:
+    """Start positions of the windows cutting positions [skip, ctx) of a sequence (see module doc)."""
+    n = ctx - skip
+    if not 1 <= window <= n:
+        raise ValueError(f"window must be in [1, ctx - skip = {n}], got {window}")
     if tail not in ("align_end", "drop"):
         raise ValueError(f"tail must be 'align_end' or 'drop', got {tail!r}")
-    starts = list(range(0, ctx - window + 1, window))
-    if ctx % window and tail == "align_end":
-        starts.append(ctx - window)
-    return np.asarray(starts, dtype=np.int64)
+    starts = list(range(0, n - window + 1, window))
+    if n % window and tail == "align_end":
+        starts.append(n - window)
+    return np.asarray(starts, dtype=np.int64) + skip
 
 
 def detect_chunk_seqs(acts) -> int:
@@ -106,6 +108,7 @@ class WindowBatches:
         device: str | torch.device = "cpu",
         start_batch: int = 0,
         tail: str = "align_end",
+        skip: int = 0,
         decode: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -118,7 +121,8 @@ class WindowBatches:
         if batch_size < 1 or buffer_chunks < 1 or prefetch < 1:
             raise ValueError("batch_size, buffer_chunks and prefetch must be >= 1")
         self.window, self.batch_size, self.seed = int(window), int(batch_size), int(seed)
-        self.starts = window_starts(self.ctx, self.window, tail)
+        self.starts = window_starts(self.ctx, self.window, tail, skip)
+        self.skip = int(skip)
         if seq_indices is None:
             self.seq_indices = np.arange(self.n_seq, dtype=np.int64)
         else:
@@ -172,14 +176,14 @@ class WindowBatches:
         return max(n - self.start_batch, 0)
 
     def sample_sequences(self, max_seqs: int = 256) -> np.ndarray:
-        """Up to `max_seqs` selected whole sequences [n, ctx, d] (float32), read as whole units
-        spread evenly over the selection (for input statistics and b_dec init; no shuffling)."""
+        """Up to `max_seqs` selected sequences [n, ctx - skip, d] (float32, positions >= skip), read
+        as whole units spread evenly over the selection (for input statistics and b_dec init)."""
         picks = np.unique(np.linspace(0, len(self._units) - 1, min(len(self._units), 8)).astype(int))
         out, n = [], 0
         for u in picks:
             a = self._read_unit(int(u))[0]
             rows = self._unit_seqs[u] - self._unit_seqs[u][0]
-            out.append(np.asarray(a[rows][: max_seqs - n], dtype=np.float32))
+            out.append(np.asarray(a[rows][: max_seqs - n, self.skip :], dtype=np.float32))
             n += len(out[-1])
             if n >= max_seqs:
                 break
@@ -221,7 +225,7 @@ class WindowBatches:
 
         try:
             total = self._total_windows()
-            skip = self.start_batch * self.batch_size  # windows to skip
+            to_skip = self.start_batch * self.batch_size  # windows of the stream to skip
             emitted = 0  # windows of the stream passed (skipped or yielded)
             plan = self._plan()
             with ThreadPoolExecutor(max_workers=2) as pool:
@@ -233,12 +237,12 @@ class WindowBatches:
                         n = len(win)
                         if total is not None:
                             n = min(n, total - emitted)
-                        if emitted + n <= skip:  # entirely skipped: never read
+                        if emitted + n <= to_skip:  # entirely skipped: never read
                             emitted += n
                             if total is not None and emitted >= total:
                                 return
                             continue
-                        cut = max(skip - emitted, 0)
+                        cut = max(to_skip - emitted, 0)
                         futs = [pool.submit(self._read_unit, u) for u in group]
                         pending.append((futs, win[cut:n]))
                         emitted += n

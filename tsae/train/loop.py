@@ -4,7 +4,9 @@ One step, on a batch of windows x [B, w, d] (raw activations) at global token co
 
     x      <- s * x                              s = sqrt(d) / E||x||        (scaling.py)
     c      <- schedule.at(t)                     {"lr": .., "k": .., "gate_open": .., ...}
-    out    <- model(x)
+              model.set_coeffs(c)                  (for models that define it, e.g. the TSAE)
+    out    <- model(x)                           (+ a frozen teacher's outputs in out.aux when
+                                                  c["distill"] > 0 and a teacher is given)
     terms  <- model.loss_terms(x, out, c)        {"loss": total, named terms ...}
     grads  <- d terms["loss"];  clip ||grads|| to grad_clip
     guard:  loss or grad norm not finite   -> skip the step, log {"event": "skipped_nan"}
@@ -133,15 +135,20 @@ class TrainLoop:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, batches: Iterable, schedule: Schedule, until_tokens: int, phase: str = "",
-            callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+            callbacks: Sequence[Callback] = (), teacher: SAE | None = None) -> dict[str, Any]:
         """Train on `batches` until the global token count reaches `until_tokens` (or the batches
-        run out).  Returns the loop state."""
+        run out).  Returns the loop state.
+
+        teacher: a frozen SAE on the same (scaled) inputs; on steps with coeffs["distill"] > 0 its
+        codes and reconstruction are put in out.aux["teacher_codes"] / ["teacher_x_hat"] for the
+        model's distillation term."""
         from tqdm.auto import tqdm
 
         cfg, s, model, opt = self.cfg, self.state, self.model, self.opt
         s["phase"] = phase
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
+        set_coeffs = getattr(model, "set_coeffs", None)  # models with state set per step (TSAE)
         self._take_snapshot()
         acc: dict[str, Tensor] = {}
         n_acc, wait, t_last, tok_last = 0, 0.0, time.perf_counter(), s["tokens"]
@@ -166,7 +173,13 @@ class TrainLoop:
                 if lr is not None:
                     for g in opt.param_groups:
                         g["lr"] = lr
+                if set_coeffs is not None:
+                    set_coeffs(coeffs)
                 out = model(x)
+                if teacher is not None and coeffs.get("distill", 0.0) > 0:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    out.aux["teacher_codes"], out.aux["teacher_x_hat"] = t_out.codes, t_out.x_hat
                 terms = model.loss_terms(x, out, coeffs)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()

@@ -32,7 +32,7 @@ TRAINER_CONFIG_FILE = "trainer_cfg.json"
 
 
 def make_source(data, *, window: int, batch_size: int, seed: int, n_tokens: int,
-                seq_indices=None) -> WindowBatches:
+                seq_indices=None, skip: int = 0) -> WindowBatches:
     """A WindowBatches stream of n_tokens tokens over `data` (an array [n_seq, ctx, d] or a
     ready WindowBatches, used as given)."""
     if isinstance(data, WindowBatches):
@@ -40,7 +40,7 @@ def make_source(data, *, window: int, batch_size: int, seed: int, n_tokens: int,
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     return WindowBatches(data, window=window, batch_size=batch_size, seed=seed, n_tokens=n_tokens,
-                         seq_indices=seq_indices)
+                         seq_indices=seq_indices, skip=skip)
 
 
 def resolve_scale(source: WindowBatches, sample: np.ndarray, stats_mean_norm: float | None) -> float:
@@ -76,6 +76,7 @@ class Phase:
     end_tokens: int  # global token count at which the phase ends
     schedule: Schedule
     callbacks: Sequence[Callback] = ()
+    teacher: SAE | None = None
 
 
 def run_phases(loop: TrainLoop, make_batches: Callable[[int], Iterable], phases: Sequence[Phase]) -> None:
@@ -84,7 +85,8 @@ def run_phases(loop: TrainLoop, make_batches: Callable[[int], Iterable], phases:
     for ph in phases:
         if loop.state["tokens"] >= ph.end_tokens:
             continue
-        loop.run(make_batches(loop.state["batches"]), ph.schedule, ph.end_tokens, ph.name, ph.callbacks)
+        loop.run(make_batches(loop.state["batches"]), ph.schedule, ph.end_tokens, ph.name, ph.callbacks,
+                 ph.teacher)
         if loop.state["tokens"] < ph.end_tokens:
             loop.event("data_exhausted", wanted_tokens=ph.end_tokens)
         loop.checkpoint(f"phase_{ph.name}")

@@ -51,6 +51,7 @@ class StaticTrainerConfig:
     lr_decay_frac: float = 0.2
     batch_windows: int = 256  # windows per batch (tokens per batch = batch_windows * window)
     window: int = 16
+    skip_positions: int = 0  # positions [0, skip) of every sequence are never trained on (BOS)
     n_tokens: int = 10_000_000
     dead_window_tokens: int = 1_000_000
     b_dec_init: str = "geometric_median"  # | "mean" | "none"
@@ -118,7 +119,8 @@ def train_static(cfg: StaticTrainerConfig, data, *, out_dir: str | Path | None =
     """
     torch.manual_seed(cfg.seed)
     source = make_source(data, window=cfg.window, batch_size=cfg.batch_windows, seed=cfg.seed,
-                         n_tokens=cfg.n_tokens, seq_indices=seq_indices)
+                         n_tokens=cfg.n_tokens, seq_indices=seq_indices,
+                         skip=cfg.skip_positions)
     sample = source.sample_sequences(256)
     scale = resolve_scale(source, sample, stats_mean_norm)
     model = new_static_model(cfg, source.d, meta)

@@ -1,0 +1,199 @@
+"""The training stage: one SAE trained on the training split of an activation store.
+
+    result = run_training(TrainRunConfig(store="<key or path>", out_dir="runs/topk", architecture="topk",
+                                         static={"k": 32, "n_tokens": 2_000_000}))
+
+    python -m pipeline.train_runner --store KEY --out runs/tsae --arch tsae \\
+        --set k=32 --set distill_tokens=500000 --static-sae runs/topk
+
+Writes into `out_dir`: cfg.json + sae_weights.safetensors (the SAE for raw activations),
+trainer_cfg.json, run_cfg.json, train_log.jsonl, checkpoints/.
+
+* Sequences: the store's training split `store.split(val_fraction, split_seed)[0]` (whole documents;
+  the evaluation stage holds out the other side with the same arguments).
+* Position 0 is left out when the store prepended BOS (`skip_bos`): its residual is an attention
+  sink with an outlier norm.  The input scale then comes from a sample of the other positions
+  (the store's statistics include position 0); otherwise from the store's `mean_norm`.
+* An out_dir holding checkpoints but no finished SAE is resumed (same configuration required);
+  a finished one is refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+STATIC_ARCHS = ("relu_l1", "topk", "t_sae", "crosscoder")
+ARCHS = (*STATIC_ARCHS, "tsae")
+RUN_CONFIG_FILE = "run_cfg.json"
+# fields that may differ between a run and its resumption
+_VOLATILE = {"progress", "device", "log_every", "checkpoint_every"}
+
+
+@dataclass
+class TrainRunConfig:
+    store: str  # activation store key (under the cache home) or path
+    out_dir: str
+    architecture: str = "topk"  # relu_l1 | topk | t_sae | crosscoder | tsae
+    hook: str | None = None  # default: the store's only hook
+    cache_dir: str | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    skip_bos: bool = True
+    static: dict[str, Any] = field(default_factory=dict)  # StaticTrainerConfig fields
+    tsae: dict[str, Any] = field(default_factory=dict)  # TSAETrainerConfig fields (architecture tsae)
+    static_sae: str | None = None  # tsae: a pretrained static TopK SAE folder; None trains one
+    overwrite: bool = False
+
+
+def _trainer_config(cfg: TrainRunConfig):
+    from tsae.train.static_trainer import StaticTrainerConfig
+    from tsae.train.tsae_trainer import TSAETrainerConfig
+
+    def build(cls, fields: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise UserError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**fields)
+
+    static = build(StaticTrainerConfig, {"architecture": cfg.architecture if cfg.architecture != "tsae"
+                                         else "topk", **cfg.static})
+    if cfg.architecture != "tsae":
+        return static
+    return build(TSAETrainerConfig, {**cfg.tsae, "static": static})
+
+
+def _hook(store, wanted: str | None) -> str:
+    if wanted is None:
+        if len(store.hooks) != 1:
+            raise UserError(f"store {store.key} holds several hooks ({', '.join(store.hooks)}); pass --hook")
+        return store.hooks[0]
+    if wanted not in store.hooks:
+        raise UserError(f"store {store.key} holds {', '.join(store.hooks)}, not {wanted}")
+    return wanted
+
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_comparable(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in _VOLATILE}
+
+
+def _prepare_out_dir(out: Path, run_doc: dict[str, Any], overwrite: bool) -> bool:
+    """-> resume?  Refuses a finished run (unless overwrite) and a checkpointed run of another config."""
+    if (out / "cfg.json").is_file() and (out / "trainer_cfg.json").is_file():
+        if not overwrite:
+            raise UserError(f"{out} already holds a trained SAE; pass --overwrite or another --out")
+        shutil.rmtree(out)
+    latest = out / "checkpoints" / "latest"
+    if not latest.is_file():
+        return False
+    previous = json.loads((out / RUN_CONFIG_FILE).read_text()) if (out / RUN_CONFIG_FILE).is_file() else {}
+    if _comparable(previous) != _comparable(run_doc):
+        if not overwrite:
+            raise UserError(f"{out} holds checkpoints of a different configuration; pass --overwrite or "
+                            "another --out")
+        shutil.rmtree(out)
+        return False
+    return True
+
+
+def run_training(cfg: TrainRunConfig):
+    """Train one SAE as configured; returns the trainer's TrainResult."""
+    from pipeline.store import ActivationStore
+
+    if cfg.architecture not in ARCHS:
+        raise UserError(f"unknown architecture {cfg.architecture!r}; choose from {', '.join(ARCHS)}")
+    tcfg = _trainer_config(cfg)
+    store = ActivationStore.open(cfg.store, cfg.cache_dir)
+    hook = _hook(store, cfg.hook)
+    train_idx, _ = store.split(cfg.val_fraction, cfg.split_seed)
+    if len(train_idx) == 0:
+        raise UserError(f"store {store.key} has too few documents to hold out val_fraction="
+                        f"{cfg.val_fraction} of them and still train")
+    skip = 1 if cfg.skip_bos and store.attrs.get("prepend_bos", False) else 0
+    if cfg.architecture == "tsae":
+        tcfg.skip_positions = tcfg.static.skip_positions = skip
+    else:
+        tcfg.skip_positions = skip
+    layer = re.match(r"blocks\.(\d+)\.", hook)
+    meta = {"model_name": store.attrs["model"]["name"], "hook_name": hook,
+            "hook_layer": int(layer.group(1)) if layer else -1}
+    stats_norm = None if skip else float(store.stats(hook)["mean_norm"])
+
+    out = Path(cfg.out_dir)
+    run_doc = {**dataclasses.asdict(cfg), "store_key": store.key, "hook": hook, "skip_positions": skip,
+               "trainer_cfg": dataclasses.asdict(tcfg)}
+    resume = _prepare_out_dir(out, run_doc, cfg.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG_FILE).write_text(json.dumps(run_doc, indent=2, sort_keys=True, default=str))
+
+    acts = store.activations(hook)
+    common = dict(out_dir=out, resume=out if resume else None, stats_mean_norm=stats_norm,
+                  seq_indices=train_idx, meta=meta)
+    if cfg.architecture == "tsae":
+        from tsae.train.tsae_trainer import train_tsae
+
+        return train_tsae(tcfg, acts, static=cfg.static_sae, **common)
+    from tsae.train.static_trainer import train_static
+
+    return train_static(tcfg, acts, **common)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train_runner", description=__doc__.split("\n")[0])
+    p.add_argument("--store", required=True, help="activation store key or path")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--arch", default="topk", choices=ARCHS)
+    p.add_argument("--hook")
+    p.add_argument("--cache-dir")
+    p.add_argument("--static-sae", help="tsae: pretrained static TopK SAE folder (SAELens or tsae)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="trainer config field (JSON value); tsae: static.FIELD for its static pretraining")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--keep-bos", action="store_true", help="train on position 0 too")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    static, tsae = {}, {}
+    try:
+        for item in args.set:
+            name, eq, value = item.partition("=")
+            if not eq:
+                raise UserError(f"--set expects FIELD=VALUE, got {item!r}")
+            if args.arch == "tsae" and not name.startswith("static."):
+                tsae[name] = _parse_value(value)
+            else:
+                static[name.removeprefix("static.")] = _parse_value(value)
+        cfg = TrainRunConfig(store=args.store, out_dir=args.out, architecture=args.arch, hook=args.hook,
+                             cache_dir=args.cache_dir, val_fraction=args.val_fraction,
+                             skip_bos=not args.keep_bos, static=static, tsae=tsae,
+                             static_sae=args.static_sae, overwrite=args.overwrite)
+        run_training(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to resume from {args.out}/checkpoints", file=sys.stderr)
+        return 130
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
