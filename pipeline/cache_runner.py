@@ -299,15 +299,19 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
     docs = iter_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.config)
     counters = SequenceStats()
     seqs = iter_sequences(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos, cfg.max_tokens, counters)
-    layout = Layout(p.hooks, cfg.ctx, model.d_model, cfg.store_dtype, cfg.chunk_seqs, cfg.inner_seqs)
-    resuming = read_attrs(p.location) is not None
+    existing = read_attrs(p.location)  # a building store: resume it with its own chunk layout
+    resuming = existing is not None
+    chunk_seqs, inner = (
+        (existing["chunk_seqs"], existing["inner_seqs"]) if resuming else (cfg.chunk_seqs, cfg.inner_seqs)
+    )
+    layout = Layout(p.hooks, cfg.ctx, model.d_model, cfg.store_dtype, chunk_seqs, inner)
     chunks = _prefetch(_chunk_stream(seqs, layout.chunk_seqs, cfg.ctx))
     first = None
     if not resuming:  # never create a store for a corpus that yields nothing
         first = next(chunks, None)
         if first is None:
             raise SourceError(f"{cfg.dataset} ({cfg.split}) yields no sequence of ctx={cfg.ctx} tokens")
-        _probe_shapes(model, first[1][:1], p.hooks)
+        _probe_shapes(model, first[1][:1, :2], p.hooks)  # two positions: cheap, shows the layout
     capacity = -(-cfg.max_tokens // cfg.ctx) if cfg.max_tokens else 16 * cfg.chunk_seqs
     writer = StoreWriter.open(
         p.location,
@@ -375,7 +379,7 @@ def _probe_shapes(model, tokens: np.ndarray, hooks: list[str]) -> None:
     import torch
 
     for h, a in model.run_to_hooks(torch.from_numpy(tokens), hooks).items():
-        if tuple(a.shape) != (len(tokens), tokens.shape[1], model.d_model):
+        if tuple(a.shape) != (*tokens.shape, model.d_model):
             raise ModelError(
                 f"hook {h} gives activations of shape {tuple(a.shape)}; a store holds "
                 f"[seq, pos, d_model={model.d_model}] hooks only (resid, attn_out, mlp_out, ...)"
@@ -406,23 +410,37 @@ def _chunk_stream(seqs, chunk_seqs: int, ctx: int) -> Iterator[tuple]:
 
 
 def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Run ``it`` on a daemon thread ``depth`` items ahead (tokenising overlaps the model)."""
+    """Run ``it`` on a daemon thread ``depth`` items ahead (tokenising overlaps the model).
+    Closing the generator (or an exception in the consumer) stops the thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    stop, done = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def run() -> None:
         try:
             for item in it:
-                q.put(item)
-            q.put(done)
+                if not put(item):
+                    return
+            put(done)
         except BaseException as e:
-            q.put(e)
+            put(e)
 
     threading.Thread(target=run, name="cache-tokenise", daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _progress(cfg: CacheConfig, key: str, resumed_seqs: int):

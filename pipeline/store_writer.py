@@ -131,7 +131,11 @@ class StoreWriter:
                     raise StoreError(f"store {attrs['key']} is already complete")
                 raw = read_key(store, MANIFEST_KEY)
                 manifest = Manifest.from_bytes(raw) if raw else _fresh_manifest(layout, batch_size)
-                layout.chunk_seqs, layout.inner_seqs = have["chunk_seqs"], have.get("inner_seqs")
+                if (have["chunk_seqs"], have.get("inner_seqs")) != (layout.chunk_seqs, layout.inner_seqs):
+                    raise StoreError(
+                        f"{location} was started with chunk_seqs={have['chunk_seqs']}, "
+                        f"inner_seqs={have.get('inner_seqs')}; resume it with the same layout"
+                    )
                 group.attrs.update({"resumed_at": [*have.get("resumed_at", []), _utcnow()]})
             else:
                 group = _create(store, attrs, layout, capacity_seqs)

@@ -118,7 +118,8 @@ def test_disk_full_keeps_completed_chunks_then_resumes(tiny_model, tmp_cache_dir
     assert ActivationStore.open(reference.key, require_complete=False).n_seq == 24
 
     monkeypatch.setattr(zarr_local, "_put", real_put)
-    resumed = build_cache(dataclasses.replace(cfg, batch_size=8), model=tiny_model)  # batch size is kept
+    # the store's own batch size and chunk layout win over new settings, so batches are identical
+    resumed = build_cache(dataclasses.replace(cfg, batch_size=8, chunk_seqs=16), model=tiny_model)
     assert resumed.resumed_seqs == 24 and resumed.computed_tokens == 20 * 32 and resumed.key == reference.key
     a, b = ActivationStore.open(resumed.key), ActivationStore.open(reference.location)
     for name, want in all_arrays(b).items():
