@@ -291,8 +291,6 @@ def _root_attrs(cfg: CacheConfig, model, p: Plan) -> dict:
 
 
 def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
-    import torch
-
     from pipeline.sequences import SequenceStats, iter_sequences
     from pipeline.sources import iter_documents
 
@@ -326,21 +324,15 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
         chunks = itertools.islice(chunks, writer.manifest.completed_chunks, None)
     else:
         chunks = itertools.chain([first], chunks)
-    store_dtype = getattr(torch, cfg.store_dtype)
     bar = _progress(cfg, p.key, resumed)
     computed = 0
     bg = BackgroundWriter(writer)
     try:
         for index, tokens, doc_id, doc_offset in chunks:
-            n = len(tokens)
-            acts = {h: np.empty((n, cfg.ctx, model.d_model), dtype=cfg.store_dtype) for h in p.hooks}
-            for b in range(0, n, batch_size):
-                out = model.run_to_hooks(torch.from_numpy(tokens[b : b + batch_size]), p.hooks)
-                for h in p.hooks:
-                    acts[h][b : b + batch_size] = out[h].to(store_dtype).cpu().numpy()
+            acts = _forward_chunk(model, tokens, p.hooks, batch_size, cfg.store_dtype)
             bg.put(Chunk(index, acts, tokens, doc_id, doc_offset))
-            computed += n * cfg.ctx
-            bar.update(n * cfg.ctx)
+            computed += tokens.size
+            bar.update(tokens.size)
         bg.close()
         final = writer.finish(
             {
@@ -372,6 +364,20 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
         time.perf_counter() - t0,
         final,
     )
+
+
+def _forward_chunk(model, tokens: np.ndarray, hooks: list[str], batch_size: int, store_dtype: str) -> dict:
+    """{hook: [n, ctx, d] in the stored dtype} for one chunk, in batches that depend only on the chunk
+    (so a resumed build forms the same batches); the dtype conversion happens on the model's device."""
+    import torch
+
+    n, ctx = tokens.shape
+    acts = {h: np.empty((n, ctx, model.d_model), dtype=store_dtype) for h in hooks}
+    for b in range(0, n, batch_size):
+        out = model.run_to_hooks(torch.from_numpy(tokens[b : b + batch_size]), hooks)
+        for h in hooks:
+            acts[h][b : b + batch_size] = out[h].to(getattr(torch, store_dtype)).cpu().numpy()
+    return acts
 
 
 def _probe_shapes(model, tokens: np.ndarray, hooks: list[str]) -> None:

@@ -1,0 +1,210 @@
+"""Cache build throughput against the bare model forward, storage-only write speed, bytes on disk.
+
+1. **cache_vs_forward**: tokens/s of a real `build_cache` (tokenise, forward through `run_to_hooks`,
+   writer thread with stats + sha256 + zarr writes, manifest) against the bare TransformerLens
+   forward ``bridge(tokens, stop_at_layer=L + 1)`` on the *same* token batches, same model, dtype
+   and batch size, in one process.  Each side runs ``--repeats`` times, alternating, and the best
+   time of each is compared (the machine is shared: the best run is the least disturbed one).
+   Target: >= 0.95.
+2. **storage only**: the writer path alone (`StoreWriter` behind `BackgroundWriter`, chunks of
+   ``[64, ctx, d_model]`` fp16 plus tokens) against a raw numpy memmap write of the same bytes
+   (flushed), both followed by fsync; and a whole `build_cache` with the tiny model, whose forward is
+   negligible, as tokens/s.
+3. **bytes on disk per token** of the real store against raw fp16 activations + int32 tokens.
+
+    python bench/cache_throughput.py                          # SmolLM2-135M layer 15, 8192 tokens
+    python bench/cache_throughput.py --tokens 32768 --repeats 3 --layer 6 --dtype bfloat16
+
+The last line is JSON: {"name": "cache_vs_forward", "value": ..., "target": ">= 0.95"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache_runner import CacheConfig, build_cache
+from pipeline.models import load_model
+from pipeline.sequences import iter_sequences
+from pipeline.sources import iter_documents
+from pipeline.store_writer import BackgroundWriter, Chunk, Layout, StoreWriter
+
+
+def fmt(times: list[float]) -> str:
+    return ", ".join(f"{t:.2f}" for t in times)
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def fsync_tree(path: Path) -> None:
+    for p in Path(path).rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def bare_forward(model, tokens: np.ndarray, layer: int, batch_size: int, chunk_seqs: int) -> float:
+    """Seconds for the bare forward over the batches a build forms (batches inside chunks)."""
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for c in range(0, len(tokens), chunk_seqs):
+            chunk = tokens[c : c + chunk_seqs]
+            for b in range(0, len(chunk), batch_size):
+                model.bridge(torch.from_numpy(chunk[b : b + batch_size]).long(), stop_at_layer=layer + 1)
+    return time.perf_counter() - t
+
+
+def storage_only(root: Path, n_chunks: int, ctx: int, d: int) -> dict:
+    """GB/s of the store writer and of a numpy memmap writing the same bytes (after fsync)."""
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((64, ctx, d), dtype=np.float32).astype(np.float16)
+    tokens = rng.integers(0, 49152, (64, ctx), dtype=np.int32)
+    ids = np.zeros(64, dtype=np.int64)
+    hook = "blocks.0.hook_resid_post"
+    layout = Layout([hook], ctx, d, "float16", 64)
+    attrs = {"key": "bench", "format": "bench"}
+    t = time.perf_counter()
+    writer = StoreWriter.open(
+        root / "store", attrs=attrs, layout=layout, batch_size=16, capacity_seqs=64 * n_chunks
+    )
+    bg = BackgroundWriter(writer)
+    for c in range(n_chunks):
+        bg.put(Chunk(c, {hook: acts}, tokens, ids, ids))
+    bg.close()
+    writer.close()
+    fsync_tree(root / "store")
+    zarr_s = time.perf_counter() - t
+    nbytes = n_chunks * (acts.nbytes + tokens.nbytes + 2 * ids.nbytes)
+
+    t = time.perf_counter()
+    mm = np.memmap(root / "raw.f16", dtype=np.float16, mode="w+", shape=(n_chunks * 64, ctx, d))
+    mt = np.memmap(root / "raw.i32", dtype=np.int32, mode="w+", shape=(n_chunks * 64, ctx))
+    for c in range(n_chunks):
+        mm[c * 64 : (c + 1) * 64] = acts
+        mt[c * 64 : (c + 1) * 64] = tokens
+    mm.flush()
+    mt.flush()
+    del mm, mt
+    fsync_tree(root)
+    memmap_s = time.perf_counter() - t
+    return {
+        "store_writer_GBps": nbytes / zarr_s / 1e9,
+        "memmap_GBps": nbytes / memmap_s / 1e9,
+        "writer_vs_memmap": memmap_s / zarr_s,
+        "bytes": nbytes,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layer", type=int, default=None, help="default: the build's default, n_layers // 2")
+    ap.add_argument(
+        "--tokens", type=int, default=8192, help="whole chunks of 64 x ctx give honest bytes/token"
+    )
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--storage-mb", type=float, default=200, help="bytes for the storage-only test")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: under ./cache)")
+    args = ap.parse_args()
+
+    base = Path(args.dir or Path(__file__).resolve().parents[1] / "cache")
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=base))
+    models_link = root / "models"
+    models_link.symlink_to(Path(__file__).resolve().parents[1] / "cache" / "models", target_is_directory=True)
+    try:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        layer = model.n_layers // 2 if args.layer is None else args.layer
+        cfg = CacheConfig(
+            model=args.model,
+            layers=(layer,),
+            ctx=args.ctx,
+            max_tokens=args.tokens,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=False,
+        )
+        docs = iter_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.config)
+        seqs = iter_sequences(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos, cfg.max_tokens)
+        tokens = np.stack([s.tokens for s in seqs])
+        n_tok = tokens.size
+        bare_forward(model, tokens[: args.batch_size], layer, args.batch_size, cfg.chunk_seqs)  # warm-up
+
+        bare_s, build_s, result = [], [], None
+        for r in range(args.repeats):
+            bare_s.append(bare_forward(model, tokens, layer, args.batch_size, cfg.chunk_seqs))
+            home = root / f"run{r}"
+            home.mkdir()
+            (home / "models").symlink_to(models_link.resolve(), target_is_directory=True)
+            result = build_cache(CacheConfig(**{**cfg.__dict__, "cache_dir": str(home)}), model=model)
+            assert not result.hit and result.n_tokens == n_tok
+            build_s.append(result.seconds)
+        ratio = min(bare_s) / min(build_s)
+        store_bytes = du(Path(result.location))
+        raw = n_tok * (model.d_model * 2 + 4)
+        print(
+            f"model {model.name} layer {layer} {args.dtype} on {model.device}: {n_tok} tokens, "
+            f"batch {args.batch_size}, ctx {args.ctx}"
+        )
+        print(f"bare forward: {n_tok / min(bare_s):.0f} tok/s (runs: {fmt(bare_s)} s)")
+        print(
+            f"build_cache : {n_tok / min(build_s):.0f} tok/s (runs: {fmt(build_s)} s; "
+            f"writer thread busy {result.attrs['writer_busy_seconds']:.2f} s)"
+        )
+        print(f"ratio build/forward: {ratio:.3f}")
+        print(
+            f"bytes on disk per token: {store_bytes / n_tok:.1f} "
+            f"(raw fp16 acts + int32 tokens: {raw / n_tok:.0f}; "
+            f"ratio {store_bytes / raw:.3f})"
+        )
+
+        n_chunks = max(1, int(args.storage_mb * 1e6 / (64 * args.ctx * (model.d_model * 2 + 4))))
+        st = storage_only(root / "storage", n_chunks, args.ctx, model.d_model)
+        print(
+            f"storage only ({st['bytes'] / 1e6:.0f} MB, d={model.d_model}): store writer "
+            f"{st['store_writer_GBps']:.2f} GB/s, numpy memmap {st['memmap_GBps']:.2f} GB/s "
+            f"(writer/memmap {st['writer_vs_memmap']:.2f})"
+        )
+        tiny = load_model("tiny")
+        home = root / "tiny"
+        home.mkdir()
+        (home / "models").symlink_to(models_link.resolve(), target_is_directory=True)
+        # layer 0: TransformerLens computes the unembedding when asked to stop after the last layer
+        t = build_cache(
+            CacheConfig(
+                model="tiny",
+                layers=(0,),
+                ctx=args.ctx,
+                max_tokens=max(args.tokens, 65536),
+                cache_dir=str(home),
+                progress=False,
+            ),
+            model=tiny,
+        )
+        print(
+            f"tiny-model build (storage-bound): {t.tokens_per_s:.0f} tok/s, "
+            f"{t.n_tokens * (tiny.d_model * 2 + 4) / t.seconds / 1e6:.1f} MB/s of arrays"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"name": "cache_vs_forward", "value": round(ratio, 3), "target": ">= 0.95"}))
+
+
+if __name__ == "__main__":
+    main()
