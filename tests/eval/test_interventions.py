@@ -65,6 +65,15 @@ def test_logit_diff_change_and_clamping(bridge, tokens):
     assert eff["kl"][:, :T - 1].eq(0).all()
 
 
+def test_patching_codes_from_another_input(bridge, tokens):
+    sae = IdentitySAE(64)
+    same = iv.encode_tokens(bridge, tokens, HOOK, sae)
+    assert iv.edit_effect(bridge, tokens, HOOK, sae, iv.patch(None, same))["max_abs_dlogit"].eq(0).all()
+    other = iv.encode_tokens(bridge, tokens.roll(1, dims=0), HOOK, sae)
+    eff = iv.edit_effect(bridge, tokens, HOOK, sae, iv.patch(None, other, positions=4))
+    assert eff["kl"][:, :4].eq(0).all() and (eff["kl"][:, 4] > 1e-4).all()
+
+
 @pytest.mark.parametrize("carry", [0.0, 0.5])
 def test_temporal_reach_separates_decoder_carry_from_model_propagation(bridge, tokens, carry):
     sae = planted(carry)

@@ -91,6 +91,14 @@ def patch(features, source_codes: Tensor, positions=None) -> Edit:
 
 
 # ---- running an edit ----------------------------------------------------------------------------
+@torch.no_grad()
+def encode_tokens(model, tokens: Tensor, hook: str, sae) -> Tensor:
+    """The SAE's codes [B, T, F] of the model's activations at `hook` (e.g. the source of a `patch`)."""
+    cap: dict[str, Tensor] = {}
+    hooking.forward(model, tokens, hook, capture=cap)
+    return sae.encode(cap["x"].to(hooking.sae_dtype(sae)))
+
+
 def run_edit(model, tokens: Tensor, hook: str, sae, edit: Edit | None, skip: int = 0,
              capture: dict[str, Tensor] | None = None) -> Tensor:
     """Logits with x' = decode(edit(c)) + error at the hook (edit None: the unedited reference)."""
