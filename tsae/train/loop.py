@@ -48,6 +48,7 @@ from tsae.train.checkpoint import load_checkpoint, save_checkpoint
 from tsae.train.schedule import Schedule
 
 Callback = Callable[["TrainLoop", Tensor, SAEOutput, dict[str, Tensor]], None]
+Teacher = Callable[[Tensor, dict[str, float]], tuple[Tensor, Tensor]]
 
 
 def auto_device(device: str | None = "auto") -> torch.device:
@@ -135,13 +136,13 @@ class TrainLoop:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, batches: Iterable, schedule: Schedule, until_tokens: int, phase: str = "",
-            callbacks: Sequence[Callback] = (), teacher: SAE | None = None) -> dict[str, Any]:
+            callbacks: Sequence[Callback] = (), teacher: Teacher | None = None) -> dict[str, Any]:
         """Train on `batches` until the global token count reaches `until_tokens` (or the batches
         run out).  Returns the loop state.
 
-        teacher: a frozen SAE on the same (scaled) inputs; on steps with coeffs["distill"] > 0 its
-        codes and reconstruction are put in out.aux["teacher_codes"] / ["teacher_x_hat"] for the
-        model's distillation term."""
+        teacher: (x, coeffs) -> (codes, x_hat) of a frozen model on the same (scaled) inputs; on
+        steps with coeffs["distill"] > 0 they are put in out.aux["teacher_codes"] / ["teacher_x_hat"]
+        for the model's distillation term."""
         from tqdm.auto import tqdm
 
         cfg, s, model, opt = self.cfg, self.state, self.model, self.opt
@@ -178,8 +179,7 @@ class TrainLoop:
                 out = model(x)
                 if teacher is not None and coeffs.get("distill", 0.0) > 0:
                     with torch.no_grad():
-                        t_out = teacher(x)
-                    out.aux["teacher_codes"], out.aux["teacher_x_hat"] = t_out.codes, t_out.x_hat
+                        out.aux["teacher_codes"], out.aux["teacher_x_hat"] = teacher(x, coeffs)
                 terms = model.loss_terms(x, out, coeffs)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()

@@ -24,7 +24,7 @@ import torch
 from tsae.data.windows import WindowBatches
 from tsae.models.base import SAE
 from tsae.models.registry import sae_class
-from tsae.train.loop import Callback, TrainLoop
+from tsae.train.loop import Callback, Teacher, TrainLoop
 from tsae.train.scaling import input_scale, mean_norm
 from tsae.train.schedule import Schedule
 
@@ -76,7 +76,7 @@ class Phase:
     end_tokens: int  # global token count at which the phase ends
     schedule: Schedule
     callbacks: Sequence[Callback] = ()
-    teacher: SAE | None = None
+    teacher: Teacher | None = None
 
 
 def run_phases(loop: TrainLoop, make_batches: Callable[[int], Iterable], phases: Sequence[Phase]) -> None:

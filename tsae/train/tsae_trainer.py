@@ -10,9 +10,9 @@ With phase boundaries P1 = distill_tokens, P2 = P1 + introduce_tokens, P3 = P2 +
     lr: warm-up over lr_warmup_tokens, constant, linear decay over the last lr_decay_frac of P3.
 
 * distill: the TSAE starts as an exact copy of the static SAE (`TemporalSAE.from_static`).  Its
-  loss adds ||f - f_teacher||^2 + ||x_hat - x_hat_teacher||^2 against the *frozen* static SAE
-  (the loop puts the teacher's outputs in out.aux), so the dictionary stays anchored while the
-  sparsity anneals.
+  loss adds ||f - f_teacher||^2 + ||x_hat - x_hat_teacher||^2 against the *frozen* static SAE run
+  at the step's k (the loop puts the teacher's outputs in out.aux), so the dictionary stays
+  anchored while the sparsity anneals.
 * introduce: the temporal path (memory, gates, bridges) opens progressively while the anchor is
   released.
 * refine: every parameter on reconstruction + sparsity (+ aux-k) alone.
@@ -39,9 +39,9 @@ import torch
 
 from tsae.models.base import SAE
 from tsae.models.registry import load_sae
-from tsae.models.topk import TopKSAE
+from tsae.models.topk import TopKSAE, topk_activation
 from tsae.models.tsae import TemporalSAE
-from tsae.train.loop import LoopConfig, TrainLoop
+from tsae.train.loop import Callback, LoopConfig, TrainLoop
 from tsae.train.schedule import Ramp, Schedule, lr_schedule
 from tsae.train.setup import Phase, make_source, run_phases, save_run
 from tsae.train.static_trainer import StaticTrainerConfig, TrainResult, train_static
@@ -116,6 +116,17 @@ def reset_moments(opt: torch.optim.Optimizer, before: dict[torch.nn.Parameter, t
                 st[name][changed] = 0.0
 
 
+def static_teacher(sae: TopKSAE):
+    """The frozen static SAE as a distillation target, at the step's k (so annealing k does not
+    make the student's and the teacher's codes incomparable)."""
+
+    def run(x, coeffs):
+        codes = topk_activation(sae.pre_activations(x), int(coeffs.get("k", sae.cfg.k)))
+        return codes, sae.decode(codes)
+
+    return run
+
+
 def reviver(cfg: TSAETrainerConfig):
     """Callback: revive latents dead over cfg.dead_window_tokens every cfg.revive_every_tokens."""
 
@@ -160,11 +171,12 @@ def _static_sae(static, cfg: TSAETrainerConfig, data, out_dir: Path | None, **kw
 def train_tsae(cfg: TSAETrainerConfig, data, *, static: SAE | str | Path | None = None,
                out_dir: str | Path | None = None, resume: str | Path | None = None,
                stats_mean_norm: float | None = None, seq_indices=None,
-               meta: dict[str, Any] | None = None) -> TrainResult:
+               meta: dict[str, Any] | None = None, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
     """Train a TemporalSAE in three phases (see module doc) on `data` (array or WindowBatches).
 
     static: a TopKSAE for raw activations (e.g. `train_static(...).sae`, `load_saelens(...)`), or a
     folder; None trains one first with cfg.static (into out_dir/static).
+    Other arguments as for `train_static`; callbacks run after every accepted step of every phase.
     """
     out_dir = Path(out_dir) if out_dir else None
     torch.manual_seed(cfg.seed)
@@ -192,7 +204,8 @@ def train_tsae(cfg: TSAETrainerConfig, data, *, static: SAE | str | Path | None 
     loop.state["loader"] = {"seed": source.seed, "window": source.window, "batch_size": source.batch_size}
     sch = tsae_schedule(cfg)
     revive = (reviver(cfg),) if cfg.revive_every_tokens else ()
-    phases = [Phase(name, end, sch, revive if name in cfg.revive_phases else (), teacher)
+    phases = [Phase(name, end, sch, (*(revive if name in cfg.revive_phases else ()), *callbacks),
+                    static_teacher(teacher))
               for name, end in zip(PHASES, cfg.boundaries, strict=True)]
     run_phases(loop, source.restart, phases)
     if out_dir:

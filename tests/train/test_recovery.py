@@ -1,0 +1,102 @@
+"""Dictionary recovery on synthetic sequences with a planted dictionary (tsae.data.synthetic).
+
+Data: d = 32, 48 unit-norm true features (half persistent, mean run 8 tokens; half single-token),
+each active on ~5% of tokens (true L0 ~ 3.2), Gaussian noise 0.05 per dimension, 256 sequences of 64
+tokens.  Every SAE has d_sae = 96 (2x the true features) and k = 4 (or an L1 penalty).
+
+Chance level: 96 random unit directions in 32 dimensions give a mean max cosine of ~0.45 to the
+true features (computed below), so the thresholds (0.85 - 0.9) demand real recovery.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsae.data.synthetic import generate
+from tsae.train.recovery import max_cosines, recovery
+from tsae.train.static_trainer import StaticTrainerConfig, train_static
+from tsae.train.tsae_trainer import TSAETrainerConfig, train_tsae
+
+TOKENS = 200_000
+BASE = dict(d_sae=96, k=4, n_tokens=TOKENS, batch_windows=64, window=16, lr=3e-3, log_every=50,
+            progress=False, dead_window_tokens=20_000)
+# measured (seed 0, one thread): topk 0.958, relu_l1 0.966, t_sae 0.961, crosscoder 0.889
+THRESHOLD = {"topk": 0.9, "relu_l1": 0.9, "t_sae": 0.9, "crosscoder": 0.85}
+EXTRA = {"relu_l1": {"l1": 2.0},
+         "t_sae": {"model_kwargs": {"threshold_start_steps": 100, "contrastive_pairs": 256}},
+         "crosscoder": {"model_kwargs": {"window": 4}}}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate(d=32, n_feat=48, n_seq=256, seq_len=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def topk(data):
+    return train_static(StaticTrainerConfig(architecture="topk", **BASE), data.acts)
+
+
+def fvu(sae, acts) -> float:
+    x = torch.from_numpy(acts)
+    with torch.no_grad():
+        x_hat = sae(x).x_hat
+    return float((x - x_hat).pow(2).sum() / (x - x.mean((0, 1))).pow(2).sum())
+
+
+def test_chance_level(data):
+    rnd = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    assert float(max_cosines(data.dictionary, rnd).mean()) < 0.55
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu_l1", "t_sae", "crosscoder"])
+def test_static_style_models_recover(data, topk, arch):
+    res = topk if arch == "topk" else train_static(
+        StaticTrainerConfig(architecture=arch, **{**BASE, **EXTRA.get(arch, {})}), data.acts)
+    rec = recovery(data.dictionary, res.sae.dictionary.detach(), {"persistent": data.persistent})
+    assert rec["mmcs"] > THRESHOLD[arch], rec
+    assert fvu(res.sae, data.acts) < 0.5
+
+
+def test_tsae_recovers(data, topk):
+    """The TSAE (started from the topk SAE above, 100k more tokens) recovers the dictionary too."""
+    cfg = TSAETrainerConfig(k=4, distill_tokens=15_000, introduce_tokens=35_000, refine_tokens=50_000,
+                            memory_window=4, lstm_hidden=16, lr=3e-3, batch_windows=32, window=32,
+                            log_every=25, progress=False, dead_window_tokens=20_000)
+    tsae = train_tsae(cfg, data.acts, static=topk.sae)
+    rec = recovery(data.dictionary, tsae.sae.dictionary.detach())
+    assert rec["mmcs"] > 0.9, rec  # measured 0.985 (the topk SAE trained 300k tokens: 0.986)
+    assert fvu(tsae.sae, data.acts) < 0.5
+
+
+HARD = dict(d=32, n_feat=48, n_seq=256, seq_len=64, seed=0, rate=0.07, amp_persistent=(0.4, 0.8),
+            noise_std=0.1, lifetime_persistent=12)
+
+
+def test_tsae_beats_static_on_persistent_features_at_equal_k():
+    """Capacity pressure: true L0 ~ 4.6 > k = 3, persistent features weaker (amplitude 0.4-0.8 vs
+    0.5-1.5) and longer-lived (mean run 12).  A static TopK SAE drops weak persistent features when
+    stronger transient ones compete; the TSAE can keep a feature that was active at t-1.
+
+    Both arms get the same k and the same total tokens: a topk SAE trained 150k tokens, then either
+    150k more static tokens or 150k tokens of the three TSAE phases.  Measured over data seeds 0-3:
+    persistent mean max cosine TSAE - static = +0.019, +0.034, +0.027, +0.021; held-out FVU
+    TSAE 0.270 / 0.268 / 0.273 / 0.253 vs static 0.286 / 0.283 / 0.292 / 0.269.  (The gap is not
+    universal: with 900k extra tokens on 64 features / 128 latents the static SAE caught up and led,
+    0.934 vs 0.894; see docs/training.md.)
+    """
+    data = generate(**HARD)
+    x_val = torch.from_numpy(generate(**{**HARD, "n_seq": 320}).acts[256:])  # same dictionary, new sequences
+    base = {**BASE, "k": 3, "n_tokens": 150_000}
+    start = train_static(StaticTrainerConfig(**base), data.acts)
+    static = train_static(StaticTrainerConfig(**{**base, "n_tokens": 300_000}), data.acts)
+    cfg = TSAETrainerConfig(k=3, distill_tokens=20_000, introduce_tokens=50_000, refine_tokens=80_000,
+                            memory_window=4, lstm_hidden=16, lr=3e-3, batch_windows=16, window=32,
+                            log_every=25, progress=False, dead_window_tokens=20_000)
+    tsae = train_tsae(cfg, data.acts, static=start.sae)
+    groups = {"persistent": data.persistent}
+    r_t = recovery(data.dictionary, tsae.sae.dictionary.detach(), groups)
+    r_s = recovery(data.dictionary, static.sae.dictionary.detach(), groups)
+    assert r_t["mmcs/persistent"] - r_s["mmcs/persistent"] > 0.01, (r_t, r_s)  # measured +0.019 (seed 0)
+    assert fvu(tsae.sae, x_val.numpy()) < fvu(static.sae, x_val.numpy()) - 0.005  # 0.2705 vs 0.2855
