@@ -12,7 +12,8 @@ One step, on a batch of windows x [B, w, d] (raw activations) at global token co
     guard:  loss or grad norm not finite   -> skip the step, log {"event": "skipped_nan"}
             loss > spike_factor x median of the last accepted losses -> skip, {"event": "skipped_spike"}
             max_consecutive_skips skips in a row, or non-finite weights at a log point
-                                             -> restore the last in-memory snapshot, {"event": "restored"}
+                                             -> restore the last in-memory snapshot (taken every
+                                                snapshot_every steps), {"event": "restored"}
     Adam step (lr = c["lr"]), model.after_step(), callbacks (e.g. revival)
     t <- t + B w   (tokens and batches count as consumed even when a step is skipped: they are the
                     schedule clock and the loader position)
@@ -69,6 +70,7 @@ class LoopConfig:
     spike_window: int = 64  # accepted losses in the running median
     spike_min_history: int = 20  # no spike detection before this many accepted steps
     max_consecutive_skips: int = 20  # then restore the last snapshot; 0 disables snapshots
+    snapshot_every: int = 1000  # steps between in-memory snapshots (a copy of weights + Adam state)
     dead_window_tokens: int = 1_000_000
     progress: bool = True
 
@@ -213,6 +215,7 @@ class TrainLoop:
                     self._log_interval(acc, n_acc, coeffs, lr, wait, t_last, tok_last)
                     bar.update(s["tokens"] - tok_last)
                     acc, n_acc, wait, t_last, tok_last = {}, 0, 0.0, time.perf_counter(), s["tokens"]
+                if s["step"] % cfg.snapshot_every == 0 and not s["run_skips"]:
                     self._take_snapshot()
                 if cfg.checkpoint_every and s["step"] % cfg.checkpoint_every == 0:
                     self.checkpoint(f"step_{s['step']:08d}")
