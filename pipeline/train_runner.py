@@ -83,6 +83,23 @@ def _hook(store, wanted: str | None) -> str:
     return wanted
 
 
+def _load_static(folder: str | None):
+    """The pretrained static TopK SAE a TSAE starts from (tsae or SAELens folder), or None."""
+    if folder is None:
+        return None
+    from tsae.models.registry import load_sae
+    from tsae.models.topk import TopKSAE
+    from tsae.models.tsae import TemporalSAE
+
+    try:
+        sae = load_sae(folder)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the static SAE at {folder}: {e}") from None
+    if not isinstance(sae, TopKSAE) or isinstance(sae, TemporalSAE):
+        raise UserError(f"{folder} holds a {sae.architecture} SAE; the TSAE starts from a static topk SAE")
+    return sae
+
+
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (_comparable(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in _VOLATILE}
 
@@ -142,7 +159,7 @@ def run_training(cfg: TrainRunConfig):
     if cfg.architecture == "tsae":
         from tsae.train.tsae_trainer import train_tsae
 
-        return train_tsae(tcfg, acts, static=cfg.static_sae, **common)
+        return train_tsae(tcfg, acts, static=_load_static(cfg.static_sae), **common)
     from tsae.train.static_trainer import train_static
 
     return train_static(tcfg, acts, **common)

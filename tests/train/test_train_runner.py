@@ -81,5 +81,7 @@ def test_cli_bad_inputs_are_one_line(store, tmp_path, capsys):
     assert main(["--store", "no-such-store", "--out", str(tmp_path / "x")]) == 2
     assert main(["--store", str(store.location), "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
     assert main(["--store", str(store.location), "--out", str(tmp_path / "x"), "--hook", "nope"]) == 2
+    assert main(["--store", str(store.location), "--out", str(tmp_path / "y"), "--arch", "tsae",
+                 "--static-sae", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)

@@ -32,15 +32,16 @@ TRAINER_CONFIG_FILE = "trainer_cfg.json"
 
 
 def make_source(data, *, window: int, batch_size: int, seed: int, n_tokens: int,
-                seq_indices=None, skip: int = 0) -> WindowBatches:
+                seq_indices=None, skip: int = 0, device: str | torch.device = "cpu") -> WindowBatches:
     """A WindowBatches stream of n_tokens tokens over `data` (an array [n_seq, ctx, d] or a
-    ready WindowBatches, used as given)."""
+    ready WindowBatches, used as given).  On a GPU `device`, the loader thread pins each batch and
+    copies it to the device, off the training thread."""
     if isinstance(data, WindowBatches):
         return data
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     return WindowBatches(data, window=window, batch_size=batch_size, seed=seed, n_tokens=n_tokens,
-                         seq_indices=seq_indices, skip=skip)
+                         seq_indices=seq_indices, skip=skip, device=device)
 
 
 def resolve_scale(source: WindowBatches, sample: np.ndarray, stats_mean_norm: float | None) -> float:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tsae.models.base import SAE
-from tsae.train.loop import Callback, LoopConfig, TrainLoop
+from tsae.train.loop import Callback, LoopConfig, TrainLoop, auto_device
 from tsae.train.schedule import Ramp, Schedule, constant, lr_schedule
 from tsae.train.setup import (
     Phase,
@@ -120,7 +120,7 @@ def train_static(cfg: StaticTrainerConfig, data, *, out_dir: str | Path | None =
     torch.manual_seed(cfg.seed)
     source = make_source(data, window=cfg.window, batch_size=cfg.batch_windows, seed=cfg.seed,
                          n_tokens=cfg.n_tokens, seq_indices=seq_indices,
-                         skip=cfg.skip_positions)
+                         skip=cfg.skip_positions, device=auto_device(cfg.device))
     sample = source.sample_sequences(256)
     scale = resolve_scale(source, sample, stats_mean_norm)
     model = new_static_model(cfg, source.d, meta)

@@ -41,7 +41,7 @@ from tsae.models.base import SAE
 from tsae.models.registry import load_sae
 from tsae.models.topk import TopKSAE, topk_activation
 from tsae.models.tsae import TemporalSAE
-from tsae.train.loop import Callback, LoopConfig, TrainLoop
+from tsae.train.loop import Callback, LoopConfig, TrainLoop, auto_device
 from tsae.train.schedule import Ramp, Schedule, lr_schedule
 from tsae.train.setup import Phase, make_source, run_phases, save_run
 from tsae.train.static_trainer import StaticTrainerConfig, TrainResult, train_static
@@ -200,7 +200,7 @@ def train_tsae(cfg: TSAETrainerConfig, data, *, static: SAE | str | Path | None 
         loop.resume(resume)
     source = make_source(data, window=cfg.window, batch_size=cfg.batch_windows, seed=cfg.seed,
                          n_tokens=cfg.n_tokens, seq_indices=seq_indices,
-                         skip=cfg.skip_positions)
+                         skip=cfg.skip_positions, device=auto_device(cfg.device))
     loop.state["loader"] = {"seed": source.seed, "window": source.window, "batch_size": source.batch_size}
     sch = tsae_schedule(cfg)
     revive = (reviver(cfg),) if cfg.revive_every_tokens else ()
