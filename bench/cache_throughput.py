@@ -10,9 +10,10 @@
    ``[64, ctx, d_model]`` fp16 plus tokens) against a raw numpy memmap write of the same bytes
    (flushed), both followed by fsync; and a whole `build_cache` with the tiny model, whose forward is
    negligible, as tokens/s.
-3. **bytes on disk per token** of the real store against raw fp16 activations + int32 tokens.
+3. **bytes on disk per token** of the real store against raw fp16 activations + int32 tokens, and
+   how well real stored activations compress (zstd level 3, lz4), to justify storing them raw.
 
-    python bench/cache_throughput.py                          # SmolLM2-135M layer 15, 8192 tokens
+    python bench/cache_throughput.py                          # SmolLM2-135M layer 15, 16384 tokens
     python bench/cache_throughput.py --tokens 32768 --repeats 3 --layer 6 --dtype bfloat16
 
 The last line is JSON: {"name": "cache_vs_forward", "value": ..., "target": ">= 0.95"}.
@@ -30,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numcodecs import LZ4, Zstd
 
 from pipeline.cache_runner import CacheConfig, build_cache
 from pipeline.models import load_model
 from pipeline.sequences import iter_sequences
 from pipeline.sources import iter_documents
+from pipeline.store import ActivationStore
 from pipeline.store_writer import BackgroundWriter, Chunk, Layout, StoreWriter
 
 
@@ -111,7 +114,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layer", type=int, default=None, help="default: the build's default, n_layers // 2")
     ap.add_argument(
-        "--tokens", type=int, default=8192, help="whole chunks of 64 x ctx give honest bytes/token"
+        "--tokens", type=int, default=16384, help="whole chunks of 64 x ctx give honest bytes/token"
     )
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -172,6 +175,17 @@ def main() -> None:
             f"bytes on disk per token: {store_bytes / n_tok:.1f} "
             f"(raw fp16 acts + int32 tokens: {raw / n_tok:.0f}; "
             f"ratio {store_bytes / raw:.3f})"
+        )
+
+        chunk = np.asarray(
+            ActivationStore.open(result.location).activations(f"blocks.{layer}.hook_resid_post")[:64]
+        )
+        print(
+            f"compression of real stored activations ({chunk.dtype}, one chunk): "
+            + ", ".join(
+                f"{name} {chunk.nbytes / len(codec.encode(chunk)):.3f}x"
+                for name, codec in [("zstd-3", Zstd(level=3)), ("lz4", LZ4())]
+            )
         )
 
         n_chunks = max(1, int(args.storage_mb * 1e6 / (64 * args.ctx * (model.d_model * 2 + 4))))

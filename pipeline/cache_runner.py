@@ -381,10 +381,12 @@ def _forward_chunk(model, tokens: np.ndarray, hooks: list[str], batch_size: int,
 
 
 def _probe_shapes(model, tokens: np.ndarray, hooks: list[str]) -> None:
-    """Refuse, before any store exists, a hook whose activations are not [batch, ctx, d_model]."""
+    """Refuse, before any store exists, a hook whose activations are not [batch, ctx, d_model].
+    Residual-stream hooks always are, so a plain --layers build skips this extra forward."""
     import torch
 
-    for h, a in model.run_to_hooks(torch.from_numpy(tokens), hooks).items():
+    hooks = [h for h in hooks if not h.endswith(".hook_resid_post")]
+    for h, a in (model.run_to_hooks(torch.from_numpy(tokens), hooks) if hooks else {}).items():
         if tuple(a.shape) != (*tokens.shape, model.d_model):
             raise ModelError(
                 f"hook {h} gives activations of shape {tuple(a.shape)}; a store holds "
