@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections
+import random
 
 import pytest
 
-from tsae.eval.probing import TASKS, VocabularyError, by_split, make_task
-from tsae.eval.probing.items import is_single_token, n_tokens
+from tsae.eval.probing import TASKS, ProbeItem, VocabularyError, by_split, make_task
+from tsae.eval.probing.items import balanced_sample, is_single_token, n_tokens
 
 N_TEST, N_TRAIN = 1000, 1000
 
@@ -142,8 +143,14 @@ def test_context_split_and_errors(tokenizer):
     assert homonyms["train"] == homonyms["test"]
     with pytest.raises(ValueError, match="unknown probing task"):
         make_task("ioi", tokenizer)
-    with pytest.raises(VocabularyError, match="too small"):
-        make_task("disambiguation", tokenizer, n_test=10_000, n_train=10, split_by="context")
+    with pytest.raises(VocabularyError, match="too small"):  # only 3 distinct prefixes per label exist
+        balanced_sample(
+            lambda rng, lab: ProbeItem("t", "x", f"{lab}{rng.randrange(3)}", lab, "", " a", " b", "test"),
+            8,
+            2,
+            random.Random(0),
+            patience=100,
+        )
 
 
 class _CharTokenizer:

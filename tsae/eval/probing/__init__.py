@@ -11,9 +11,11 @@ See docs/probes.md for templates, vocabulary splits and decision positions.
 from __future__ import annotations
 
 from tsae.eval.probing.agreement import make_agreement
+from tsae.eval.probing.behaviour import behavioural_accuracy, logit_margins
 from tsae.eval.probing.coreference import make_coreference
 from tsae.eval.probing.disambiguation import make_disambiguation
-from tsae.eval.probing.items import ProbeItem, VocabularyError, by_split
+from tsae.eval.probing.items import ProbeItem, VocabularyError, by_split, prefix_batches
+from tsae.eval.probing.probes import collect_features, fit_probe, probe_report, sparse_probe
 from tsae.eval.probing.sfc_format import read_sfc, write_sfc
 
 TASKS = ("agreement", "coreference", "disambiguation")
@@ -37,11 +39,18 @@ __all__ = [
     "TASKS",
     "ProbeItem",
     "VocabularyError",
+    "behavioural_accuracy",
     "by_split",
-    "make_task",
+    "collect_features",
+    "fit_probe",
+    "logit_margins",
     "make_agreement",
     "make_coreference",
     "make_disambiguation",
+    "make_task",
+    "prefix_batches",
+    "probe_report",
     "read_sfc",
+    "sparse_probe",
     "write_sfc",
 ]

@@ -70,7 +70,8 @@ def make_disambiguation(
         senses = v[split][h]
         sense, other = LABEL_NAMES[label], LABEL_NAMES[1 - label]
         i = rng.randrange(len(senses[sense][1]))
-        frame = rng.choice(vocab.DISAMBIGUATION_FRAMES)
+        template = rng.choice(list(vocab.DISAMBIGUATION_FRAMES))
+        frame = vocab.DISAMBIGUATION_FRAMES[template]
         slots = (rng.choice(vocab.CONTEXT_INTROS), rng.choice(PRONOUNS), rng.choice(vocab.HOMONYM_VERBS))
         intro, pron, verb = slots
         text = prefix(intro, senses[sense][1][i], pron, verb, h, frame)
@@ -85,7 +86,7 @@ def make_disambiguation(
         }
         return ProbeItem(
             TASK,
-            frame.format(h="H"),
+            template,
             text,
             label,
             sense,
