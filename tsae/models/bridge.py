@@ -1,12 +1,17 @@
 """Bridge connections: learned gains where the temporal path joins the static one.
 
-    encoder:  pre_t   = s_t + lambda * g_t * tau_t        lambda [F]  (per feature)
-    decoder:  x_hat_t = x_static_t + gate_open * rho * r_t  rho [d_in] (per dimension)
+    encoder:  pre_t   = s_t + lambda * g_t * tau_t           lambda [F]   (per feature)
+    decoder:  x_hat_t = x_static_t + gate_open * rho * r_t     rho [d_in]  (per dimension)
 
 With `learned=True` both start at 0, so a freshly built TSAE is its static SAE even with the gates
 open; the optimiser then opens each feature's (and each dimension's) temporal input only as far as
 it lowers the loss.  With `learned=False` (the no-bridge ablation) lambda = rho = 1 are fixed
 buffers: the temporal terms enter at full strength as soon as the gates open.
+
+The gains are folded into the small weights they multiply: encoder_gain = lambda * gate_open into
+the columns of the gates' W_tau (lstm_gates.py), decoder_gain = rho * gate_open into the columns of
+the temporal decoder's C, so no extra pass over [B, T, F] activations is needed; `encoder` then
+adds gate * tau.
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ class Bridge(nn.Module):
             else:
                 self.register_buffer(name, torch.ones(n))
 
-    def encoder(self, s: Tensor, g: Tensor, tau: Tensor) -> Tensor:
-        return s + self.lam * g * tau
+    def encoder_gain(self, gate_open: Tensor) -> Tensor:
+        return self.lam * gate_open
 
-    def decoder(self, r: Tensor) -> Tensor:
-        return self.rho * r
+    def encoder(self, s: Tensor, gate: Tensor | None, tau: Tensor) -> Tensor:
+        """s + gate * tau (tau already carries lambda * gate_open); gate None means 1."""
+        return s + tau if gate is None else s + gate * tau  # (addcmul's backward costs 2 more passes)
+
+    def decoder_gain(self, gate_open: Tensor) -> Tensor:
+        return self.rho * gate_open

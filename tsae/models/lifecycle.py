@@ -107,19 +107,21 @@ def ages(active: Tensor) -> Tensor:
     return age.long().transpose(1, 2)
 
 
-def ages_at(active: Tensor, idx: Tensor, cap: int) -> Tensor:
-    """min(age, cap) of selected features only: idx [B, T, k] -> LongTensor [B, T, k].
+def ages_at(active: Tensor, index: tuple[Tensor, Tensor, Tensor], cap: int) -> Tensor:
+    """min(age, cap) at selected entries only: index = (b, t, f) [n] each -> LongTensor [n].
 
-    age[b, t, j] = number of consecutive positions t, t-1, ... (at most `cap`) at which feature
-    idx[b, t, j] is active.  Costs cap gathers of [B, T, k] instead of passes over [B, T, F]; this
-    is what the TSAE's lifecycle input uses (k active features per token).
+    age = the number of consecutive positions t, t-1, ... (at most `cap`) at which feature f of
+    sequence b is active.  Costs `cap` gathers of n entries instead of passes over [B, T, F]; the
+    TSAE's lifecycle input uses it on the k active features per token.
     """
-    T = active.shape[1]
-    padded = torch.nn.functional.pad(active, (0, 0, cap, 0))  # padded[:, cap + t] = active[:, t]
-    run = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
-    age = torch.zeros(idx.shape, dtype=torch.long, device=idx.device)
+    b, t, f = index
+    B, T, F = active.shape
+    flat = torch.nn.functional.pad(active, (0, 0, cap, 0)).reshape(-1)  # position t sits at cap + t
+    at = (b * (T + cap) + cap + t) * F + f  # flat index of (b, t, f); (b, t - j, f) is at - j * F
+    run = torch.ones(b.shape, dtype=torch.bool, device=active.device)
+    age = torch.zeros(b.shape, dtype=torch.long, device=active.device)
     for back in range(cap):
-        run = run & padded[:, cap - back : cap - back + T].gather(-1, idx)
+        run &= flat[at - back * F]
         age += run
     return age
 

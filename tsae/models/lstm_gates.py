@@ -4,13 +4,15 @@ Given the memory summary e_t [h] (window_memory.WindowMemory over the static cod
 before t) and the lifecycle input a_t [F]:
 
     a_t   = min(age_{t-1}, w) / w          age of each static feature's current run at t-1, in [0, 1]
-                                           (0 for features silent at t-1 and at t = 0)
+                                           (0 for features silent at t-1, and everywhere at t = 0)
     g_t   = sigma(e_t @ W_g + b_g + v * a_t) * gate_open        [F]   (use_gates)
           = gate_open                                           scalar (no gates)
     tau_t = e_t @ W_tau                                         [F]
 
-a_t is nonzero for at most k features per token (those active at t-1), so it is added with a
-scatter over their indices rather than built densely.
+For speed the module returns sigma(...) *without* the gate_open factor and tau already multiplied
+by a per-feature `tau_gain` (the caller passes lambda * gate_open, see bridge.py), so the [F]-sized
+factors scale the small [h, F] weight instead of [B, T, F] activations.  a_t is nonzero only for the
+features active at t-1 (k per token) and is added at their coordinates.
 """
 
 from __future__ import annotations
@@ -19,22 +21,22 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from tsae.models.lifecycle import ages_at
 
+Coords = tuple[Tensor, Tensor, Tensor]
 
-def lifecycle_input(static_codes: Tensor, k: int, window: int) -> tuple[Tensor, Tensor]:
-    """Sparse a_t: (idx [B, T, k], value [B, T, k]) such that a_t[idx] = value.
 
-    Position t lists the features active at t-1 (at most k per token) with min(age, w) / w;
-    position 0 lists nothing (value 0).
+def lifecycle_input(static_codes: Tensor, window: int) -> tuple[Coords, Tensor]:
+    """Sparse a_t [B, T, F]: ((b, t, f) coordinates, values) of its nonzero entries.
+
+    Entry (b, t, f) carries min(age of f at t-1, w) / w, for each feature f active at t-1.
     """
-    k = min(int(k), static_codes.shape[-1])
-    idx = static_codes.topk(k, dim=-1, sorted=False).indices  # the active features (+ zeros if fewer)
-    age = ages_at(static_codes > 0, idx, window).to(static_codes.dtype) / window
-    # shift one step later in T: position t reads what was true at t-1
-    return F.pad(idx, (0, 0, 1, 0))[:, :-1], F.pad(age, (0, 0, 1, 0))[:, :-1]
+    active = static_codes > 0
+    b, t, f = active.nonzero(as_tuple=True)
+    age = ages_at(active, (b, t, f), window).to(static_codes.dtype) / window
+    keep = t + 1 < active.shape[1]
+    return (b[keep], t[keep] + 1, f[keep]), age[keep]
 
 
 class TemporalGates(nn.Module):
@@ -49,16 +51,18 @@ class TemporalGates(nn.Module):
             if use_lifecycle_input:
                 self.v = nn.Parameter(torch.zeros(d_sae))
 
-    def forward(self, e: Tensor, gate_open: Tensor,
-                lifecycle: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """e [B, T, h], gate_open scalar -> (g [B, T, F] or scalar, tau [B, T, F])."""
-        tau = e @ self.W_tau
+    def forward(self, e: Tensor, tau_gain: Tensor,
+                lifecycle: tuple[Coords, Tensor] | None = None) -> tuple[Tensor | None, Tensor]:
+        """e [B, T, h], tau_gain [F] -> (sigma(gate logits) [B, T, F] or None, tau_gain * tau [B, T, F])."""
+        B, T, _ = e.shape
+        flat = e.reshape(B * T, -1)
+        tau = (flat @ (self.W_tau * tau_gain)).view(B, T, -1)
         if not self.use_gates:
-            return gate_open, tau
-        logits = e @ self.W_g + self.b_g
+            return None, tau
+        logits = torch.addmm(self.b_g, flat, self.W_g)  # [B*T, F]; edited in place below, not a view
         if self.use_lifecycle_input:
             if lifecycle is None:
-                raise ValueError("this gate takes the lifecycle input; pass lifecycle_input(codes, k, w)")
-            idx, value = lifecycle
-            logits = logits.scatter_add(-1, idx, self.v[idx] * value)
-        return torch.sigmoid(logits) * gate_open, tau
+                raise ValueError("these gates take the lifecycle input; pass lifecycle_input(codes, w)")
+            (b, t, f), value = lifecycle
+            logits.index_put_((b * T + t, f), self.v[f] * value, accumulate=True)
+        return logits.sigmoid_().view(B, T, -1), tau

@@ -112,6 +112,16 @@ class TemporalSAE(StaticSAE):
             raise ValueError(f"unexpected static weights: {unexpected}")
         return model
 
+    STATIC_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    def static_parameters(self) -> list[nn.Parameter]:
+        """The TopK SAE's parameters (e.g. for a separate lr, or to freeze them)."""
+        return [getattr(self, n) for n in self.STATIC_PARAMS]
+
+    def temporal_parameters(self) -> list[nn.Parameter]:
+        """Everything the static SAE does not have: memories, gates, bridges, C."""
+        return [p for n, p in self.named_parameters() if n not in self.STATIC_PARAMS]
+
     # ---- schedule ----------------------------------------------------------------------------
     def set_coeffs(self, coeffs: dict[str, float]) -> None:
         """Apply the step's gate_open and k before forward (k falls back to cfg.k when absent)."""
@@ -129,17 +139,17 @@ class TemporalSAE(StaticSAE):
 
     # ---- the maps ----------------------------------------------------------------------------
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """-> (codes f, pre-activations pre, static codes f^s, gates g or None)."""
+        """-> (codes f, pre-activations pre, static codes f^s, sigma(gate logits) or None)."""
         k, cfg = self.k, self.cfg
         s = self.pre_activations(x)
         f_s = topk_activation(s, k)
         if not self.temporal_open:
             return f_s, s, f_s, None
         e = self.enc_memory(f_s)
-        life = lifecycle_input(f_s, k, cfg.window) if cfg.use_gates and cfg.use_lifecycle_input else None
-        g, tau = self.gates(e, self.gate_open, life)
-        pre = self.bridge.encoder(s, g, tau)
-        return topk_activation(pre, k), pre, f_s, (g if cfg.use_gates else None)
+        life = lifecycle_input(f_s, cfg.window) if cfg.use_gates and cfg.use_lifecycle_input else None
+        gate, tau = self.gates(e, self.bridge.encoder_gain(self.gate_open), life)
+        pre = self.bridge.encoder(s, gate, tau)
+        return topk_activation(pre, k), pre, f_s, gate
 
     def encode(self, x: Tensor) -> Tensor:
         return self._encode(x)[0]
@@ -147,7 +157,7 @@ class TemporalSAE(StaticSAE):
     def decode(self, codes: Tensor) -> Tensor:
         x_hat = super().decode(codes)
         if self.cfg.use_temporal_decoder and self.temporal_open:
-            x_hat = x_hat + self.gate_open * self.bridge.decoder(self.dec_memory(codes) @ self.C)
+            x_hat = x_hat + self.dec_memory(codes) @ (self.C * self.bridge.decoder_gain(self.gate_open))
         return x_hat
 
     def forward(self, x: Tensor) -> SAEOutput:
@@ -155,7 +165,7 @@ class TemporalSAE(StaticSAE):
         aux = {"pre": pre, "static_codes": f_s, "gate_open": self.gate_open.clone(),
                "k": torch.tensor(self.k)}
         if g is not None:
-            aux["gates"] = g
+            aux["gates"] = g  # sigma(gate logits); g_t = gate_open * aux["gates"]
         return SAEOutput(x_hat=self.decode(codes), codes=codes, aux=aux)
 
     # ---- training ----------------------------------------------------------------------------
@@ -178,22 +188,26 @@ class TemporalSAE(StaticSAE):
             self.set_coeffs(coeffs)
             out = self(x)
         cfg, codes, x_hat = self.cfg, out.codes, out.x_hat
+        active = codes.detach() > 0
         if self.training:
-            self.activity.update(codes)
-            self.lifecycle.update(codes)
+            self.activity.update(active)
+            self.lifecycle.update(active)
         dead = self.activity.dead_mask(cfg.dead_window_tokens)
         mse = reconstruction_mse(x, x_hat)
         aux = auxk_loss(x - x_hat, out.aux["pre"], dead, self.k_aux, lambda z: z @ self.W_dec)
         zero = mse.new_zeros(())
         w_distill = float(coeffs.get("distill", cfg.distill))
         distill = self._distill(out) if w_distill else zero
-        g = out.aux.get("gates")
-        gate_l1 = g.mean() if g is not None else zero
-        gate_mean = gate_l1.detach() if g is not None else self.gate_open.clone() * self.temporal_open
-        loss = (mse + float(coeffs.get("auxk", cfg.auxk)) * aux + w_distill * distill
-                + float(coeffs.get("gate_l1", cfg.gate_l1)) * gate_l1)
+        sig = out.aux.get("gates")  # sigma(...) without the gate_open factor
+        w_gate = float(coeffs.get("gate_l1", cfg.gate_l1))
+        if sig is None:
+            gate_l1, gate_mean = zero, out.aux["gate_open"] * self.temporal_open
+        else:
+            gate_l1 = out.aux["gate_open"] * (sig if w_gate else sig.detach()).mean()
+            gate_mean = gate_l1.detach()
+        loss = mse + float(coeffs.get("auxk", cfg.auxk)) * aux + w_distill * distill + w_gate * gate_l1
         return {"loss": loss, "mse": mse, "auxk": aux, "distill": distill, "gate_l1": gate_l1,
-                "l0": (codes > 0).float().sum(-1).mean().detach(), "gate_mean": gate_mean,
+                "l0": active.sum(-1).float().mean(), "gate_mean": gate_mean,
                 "dead_frac": dead.float().mean()}
 
     def _distill(self, out: SAEOutput) -> Tensor:
