@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,15 @@ def checksum(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
 
 
+def _float32(a: np.ndarray) -> np.ndarray:
+    """Exact float16 -> float32.  torch converts ~4x faster than numpy, so it is used when already
+    imported (as in a build); verify and other light readers take numpy's path, same values."""
+    torch = sys.modules.get("torch")
+    if torch is not None and a.dtype == np.float16:
+        return torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
+    return a.astype(np.float32)
+
+
 @dataclass
 class StatSums:
     """Float64 running sums over tokens of one hook, from which the stats follow exactly.
@@ -115,7 +125,7 @@ class StatSums:
     @classmethod
     def of(cls, acts: np.ndarray) -> StatSums:
         """Sums of one chunk ``[n, ctx, d]``: float32 products, float64 accumulation."""
-        x = acts.reshape(-1, acts.shape[-1]).astype(np.float32)
+        x = _float32(acts.reshape(-1, acts.shape[-1]))
         sq = np.einsum("ij,ij->i", x, x).astype(np.float64)
         return cls(x.sum(axis=0, dtype=np.float64), float(np.sqrt(sq).sum()), float(sq.sum()), len(x))
 
