@@ -70,7 +70,7 @@ def model_identity(spec: str, cache_dir=None) -> dict | None:
     if low == "smollm2-135m":
         return {"spec": low, "gguf_sha256": _file_sha256(embedded.gguf_path(), memo)}
     if low == "tiny" or low.startswith("tiny:"):
-        settings = {**models.TINY_DEFAULTS, **models._parse_overrides(text)}
+        settings = {**models.TINY_DEFAULTS, **models.parse_tiny_overrides(text)}
         return {
             "spec": "tiny",
             "settings": settings,
@@ -89,7 +89,7 @@ def model_identity(spec: str, cache_dir=None) -> dict | None:
             "weights_sha256": models.folder_weights_hash(folder, models_dir),
             **extra,
         }
-    snapshot = models._cached_snapshot(text)
+    snapshot = models.cached_snapshot(text)
     return None if snapshot is None else {"spec": text, "snapshot": snapshot.name}
 
 
@@ -101,7 +101,7 @@ def cheap_n_layers(spec: str) -> int | None:
     if low in EMBEDDED_N_LAYERS:
         return EMBEDDED_N_LAYERS[low]
     if low == "tiny" or low.startswith("tiny:"):
-        return int({**models.TINY_DEFAULTS, **models._parse_overrides(str(spec))}["n_layers"])
+        return int({**models.TINY_DEFAULTS, **models.parse_tiny_overrides(str(spec))}["n_layers"])
     config = Path(str(spec)).expanduser() / "config.json"
     if config.is_file():
         cfg = json.loads(config.read_text())
