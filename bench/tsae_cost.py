@@ -6,7 +6,7 @@ random inputs, median of --reps timed runs after one warm-up.  Times are this pr
 OMP_NUM_THREADS=1 it equals the single-core wall time of an idle machine.
 
     OMP_NUM_THREADS=1 python bench/tsae_cost.py                       # d=576, F=4608, 32 x 128 tokens
-    OMP_NUM_THREADS=1 python bench/tsae_cost.py --hidden 16 32 64 --window 16
+    OMP_NUM_THREADS=1 python bench/tsae_cost.py --hidden 16 32 64    # h=32 is the default
     python bench/tsae_cost.py --d 64 --F 512 --reps 1                 # quick check
 
 Prints one line per setting, then as the LAST line the static/TSAE throughput ratio of the first
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--B", type=int, default=32)
     p.add_argument("--T", type=int, default=128)
-    p.add_argument("--hidden", type=int, nargs="+", default=[64])
+    p.add_argument("--hidden", type=int, nargs="+", default=[32])
     p.add_argument("--window", type=int, nargs="+", default=[16])
     p.add_argument("--no-lstm", action="store_true", help="time the use_lstm=False ablation")
     p.add_argument("--reps", type=int, default=3)

@@ -1,5 +1,7 @@
 """TemporalSAE: exact static limit, causality, window, ablations, persistence, training benefit."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -172,6 +174,11 @@ def test_coefficients_gate_k_distill_and_gate_penalty():
     x = _x()
     model.set_coeffs({"gate_open": 0.5, "k": 2})
     out = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # set_coeffs was called: no re-run, even for a float64 gate
+        model.set_coeffs({"gate_open": 1 / 3})
+        model.loss_terms(x, model(x), {"gate_open": 1 / 3})
+    model.set_coeffs({"gate_open": 0.5, "k": 2})
     terms = model.loss_terms(x, out, {"gate_open": 0.5, "k": 2, "distill": 1.0, "gate_l1": 0.1})
     assert float(terms["l0"]) <= 2 and 0 < float(terms["gate_mean"]) < 0.5
     assert float(terms["distill"].detach()) > 0
@@ -187,7 +194,7 @@ def test_coefficients_gate_k_distill_and_gate_penalty():
     model.set_coeffs({"gate_open": 0.0})
     closed = model(x)
     t = model.loss_terms(x, closed, {"gate_open": 0.0, "distill": 1.0, "gate_l1": 1.0})
-    assert float(t["distill"]) == 0 and float(t["gate_l1"]) == 0
+    assert float(t["distill"].detach()) == 0 and float(t["gate_l1"]) == 0
     closed.aux["teacher_codes"] = torch.zeros_like(closed.codes)
     closed.aux["teacher_x_hat"] = torch.zeros_like(closed.x_hat)
     t = model.loss_terms(x, closed, {"gate_open": 0.0, "distill": 1.0})

@@ -64,7 +64,7 @@ from tsae.models.window_memory import WindowMemory
 @dataclass
 class TSAEConfig(TopKConfig):
     window: int = 16
-    lstm_hidden: int = 64
+    lstm_hidden: int = 32  # chosen by bench/tsae_cost.py + bench/tsae_hidden.py, see docs/architecture.md
     use_lstm: bool = True
     use_gates: bool = True
     use_bridge: bool = True
@@ -126,8 +126,12 @@ class TemporalSAE(StaticSAE):
     def set_coeffs(self, coeffs: dict[str, float]) -> None:
         """Apply the step's gate_open and k before forward (k falls back to cfg.k when absent)."""
         if "gate_open" in coeffs:
-            self.gate_open.fill_(min(max(float(coeffs["gate_open"]), 0.0), 1.0))
+            self.gate_open.fill_(self._gate_value(coeffs["gate_open"]))
         self.k_step = int(coeffs["k"]) if "k" in coeffs else None
+
+    def _gate_value(self, gate: float) -> float:
+        """gate clamped to [0, 1] and rounded to the buffer's dtype, exactly as stored."""
+        return float(torch.tensor(min(max(float(gate), 0.0), 1.0), dtype=self.gate_open.dtype))
 
     @property
     def k(self) -> int:
@@ -176,7 +180,7 @@ class TemporalSAE(StaticSAE):
     def _stale(self, out: SAEOutput, coeffs: dict[str, float]) -> bool:
         """Did `out` come from a forward with other gate_open / k than coeffs asks for?"""
         gate = coeffs.get("gate_open")
-        if gate is not None and min(max(float(gate), 0.0), 1.0) != float(out.aux["gate_open"]):
+        if gate is not None and self._gate_value(gate) != float(out.aux["gate_open"]):
             return True
         k = coeffs.get("k")
         return k is not None and int(k) != int(out.aux["k"])
