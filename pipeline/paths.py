@@ -46,8 +46,18 @@ def cache_home(cache_dir: str | os.PathLike | None = None) -> str:
     return str(Path(text).expanduser().resolve())
 
 
-def models_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The local folder holding converted models: `<cache home>/models` (local homes only)."""
+def local_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """`<cache home>/<name>` on local disk (the default home when the stores live at a remote URL)."""
     home = cache_home(cache_dir)
     base = default_cache_home() if is_url(home) else Path(home)
-    return base / "models"
+    return base / name
+
+
+def models_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local folder holding converted models: `<cache home>/models`."""
+    return local_dir("models", cache_dir)
+
+
+def saes_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local folder holding trained SAEs reused across experiment runs: `<cache home>/saes`."""
+    return local_dir("saes", cache_dir)

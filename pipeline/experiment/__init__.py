@@ -1,0 +1,1 @@
+"""The experiment stage: the research plan (experiments.toml) run end to end."""
