@@ -325,11 +325,13 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
     else:
         chunks = itertools.chain([first], chunks)
     bar = _progress(cfg, p.key, resumed)
-    computed = 0
+    computed, model_s = 0, 0.0
     bg = BackgroundWriter(writer)
     try:
         for index, tokens, doc_id, doc_offset in chunks:
+            t = time.perf_counter()
             acts = _forward_chunk(model, tokens, p.hooks, batch_size, cfg.store_dtype)
+            model_s += time.perf_counter() - t
             bg.put(Chunk(index, acts, tokens, doc_id, doc_offset))
             computed += tokens.size
             bar.update(tokens.size)
@@ -338,6 +340,7 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
             {
                 "sequences": counters.as_dict(),
                 "build_seconds": round(time.perf_counter() - t0, 3),
+                "model_seconds": round(model_s, 3),  # forward passes + dtype conversion, this run
                 "writer_busy_seconds": round(bg.busy_s, 3),
             }
         )
