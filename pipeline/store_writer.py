@@ -91,7 +91,7 @@ class Layout:
 
 
 def _utcnow() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class StoreWriter:
@@ -129,18 +129,21 @@ class StoreWriter:
                     raise StoreError(f"{location} holds store {have.get('key')!r}, not {attrs['key']!r}")
                 if have.get("status") == STATUS_COMPLETE:
                     raise StoreError(f"store {attrs['key']} is already complete")
-                raw = read_key(store, MANIFEST_KEY)
-                manifest = Manifest.from_bytes(raw) if raw else _fresh_manifest(layout, batch_size)
                 if (have["chunk_seqs"], have.get("inner_seqs")) != (layout.chunk_seqs, layout.inner_seqs):
                     raise StoreError(
                         f"{location} was started with chunk_seqs={have['chunk_seqs']}, "
                         f"inner_seqs={have.get('inner_seqs')}; resume it with the same layout"
                     )
                 group.attrs.update({"resumed_at": [*have.get("resumed_at", []), _utcnow()]})
+                raw = read_key(store, MANIFEST_KEY)
+                if raw is not None and all(name in group for name in layout.specs()):
+                    return cls(location, group, Manifest.from_bytes(raw), layout, lock_fd)
+                # killed while creating the arrays: nothing was completed, so start them afresh
             else:
-                group = _create(store, attrs, layout, capacity_seqs)
-                manifest = _fresh_manifest(layout, batch_size)
-                write_key(store, MANIFEST_KEY, manifest.to_bytes())
+                group = zarr.create_group(store, attributes=_initial_attrs(attrs, layout))
+            _create_arrays(group, layout, capacity_seqs)
+            manifest = _fresh_manifest(layout, batch_size)
+            write_key(store, MANIFEST_KEY, manifest.to_bytes())
             return cls(location, group, manifest, layout, lock_fd)
         except BaseException:
             _unlock(lock_fd)
@@ -243,21 +246,20 @@ def _fresh_manifest(layout: Layout, batch_size: int) -> Manifest:
     )
 
 
-def _create(store, attrs: dict, layout: Layout, capacity_seqs: int):
-    import zarr
+def _initial_attrs(attrs: dict, layout: Layout) -> dict:
+    return {
+        **attrs,
+        "status": STATUS_BUILDING,
+        "chunk_seqs": layout.chunk_seqs,
+        "inner_seqs": layout.inner_seqs,
+        "created_at": _utcnow(),
+    }
 
+
+def _create_arrays(group, layout: Layout, capacity_seqs: int) -> None:
+    """Every array preallocated to whole chunks (replacing any half-created one)."""
     c = layout.chunk_seqs
     capacity = max(-(-capacity_seqs // c), 1) * c
-    group = zarr.create_group(
-        store,
-        attributes={
-            **attrs,
-            "status": STATUS_BUILDING,
-            "chunk_seqs": c,
-            "inner_seqs": layout.inner_seqs,
-            "created_at": _utcnow(),
-        },
-    )
     for name, (row, dtype) in layout.specs().items():
         if layout.inner_seqs is None:
             chunks, shards = (c, *row), None
@@ -272,8 +274,8 @@ def _create(store, attrs: dict, layout: Layout, capacity_seqs: int):
             compressors=None,
             fill_value=0,
             dimension_names=["seq", "pos", "d"][: 1 + len(row)],
+            overwrite=True,
         )
-    return group
 
 
 def _io_error(e: OSError, what: str, writer: StoreWriter) -> StoreError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -125,3 +126,17 @@ def test_disk_full_keeps_completed_chunks_then_resumes(tiny_model, tmp_cache_dir
     for name, want in all_arrays(b).items():
         np.testing.assert_array_equal(all_arrays(a)[name], want, err_msg=name)
     assert a.attrs["stats"] == b.attrs["stats"] and verify_store(resumed.key).ok
+
+
+def test_killed_while_creating_arrays_starts_afresh(tiny_model, tmp_cache_dir):
+    r = build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 16), model=tiny_model)
+    want = all_arrays(ActivationStore.open(r.key))
+    root = tmp_cache_dir / r.key
+    shutil.rmtree(root / "tokens")  # as if killed after the group and some arrays were created
+    (root / "manifest.json").unlink()
+    zjson = root / "zarr.json"
+    zjson.write_text(zjson.read_text().replace('"status": "complete"', '"status": "building"'))
+    again = build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 16), model=tiny_model)
+    assert not again.hit and again.resumed_seqs == 0 and verify_store(r.key).ok
+    for name, arr in all_arrays(ActivationStore.open(r.key)).items():
+        np.testing.assert_array_equal(arr, want[name], err_msg=name)
