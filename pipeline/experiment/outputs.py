@@ -116,8 +116,8 @@ def report_sections(plan, store, res, block, trans, figures, eval_dir: Path) -> 
                 "seed (or reused an identical one), evaluated them on held-out plays, and mined the codes "
                 "for temporal structure.", tables=[overview]),
         Section("Comparison with baselines", "Mean ± std over seeds on held-out sequences. Matched sparsity: "
-                "all TopK-family models (topk, t_sae, crosscoder, tsae) share the same k; relu_l1's L1 "
-                "coefficient was set in a pilot run so its L0 lands near k, and its measured L0 is in the "
+                "all TopK-family models (topk, t_sae, crosscoder, tsae) share the same k; relu_l1 cannot fix "
+                "its L0 (its L1 coefficient is an untuned default), so read it at its measured L0 in the "
                 "table. TSS is always shown beside FVU and delta-CE: a model that only smooths its codes "
                 "must not win TSS while losing reconstruction. tss_shuffled is the same SAE on "
                 "position-permuted inputs; tss_shuffled_codes is the chance level.",
@@ -139,7 +139,7 @@ def transition_section(trans: dict) -> Section:
             rows.append([model, tr["A"], tr["B"], tr["k"], tr["count"], f"{tr['lift']:.1f}", f"{tr['q']:.1e}",
                          html.escape(" | ".join(tr["examples"][:1]))])
         if t["figure"] is not None:
-            figs.append(FigureRef(t["figure"], f"{model}: top transitions (edge width = lift, label = lag k)."))
+            figs.append(FigureRef(t["figure"], f"{model}: top transitions (edge width = lift, label = lag)."))
     counts = ", ".join(f"{m}: {t['n_significant']} significant (A != B) transitions among its "
                        f"{t['n_features_mined']} most frequent features" for m, t in trans.items())
     text = ("'A then B at t+k' (k = 1..4) on feature onsets, as lift over the shuffled-position null with "
