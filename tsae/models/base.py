@@ -11,10 +11,12 @@ spliced into a running model.  A static SAE treats every position independently.
 `decode` is a function of codes alone, so an edited code (ablated, clamped, patched) can be
 decoded; that is what the causal-intervention evaluation relies on.
 
-Training is generic: a trainer calls `forward`, then `loss_terms(x, out, coeffs)` which returns a
+Training is generic: a trainer calls `set_coeffs(coeffs)` (state a model holds per step, e.g. the
+TSAE's gate opening and annealed k), then `forward`, then `loss_terms(x, out, coeffs)` which returns a
 dict of named scalar tensors including the total under "loss"; `coeffs` carries the scheduled
-coefficients of the step (sparsity, auxiliary, gate warm-up, ...).  `after_step` re-imposes
-constraints such as unit-norm decoder rows.
+coefficients of the step (sparsity, auxiliary, gate warm-up, ...).  A distilling trainer may put a
+frozen teacher's outputs into `out.aux["teacher_codes"]` / `out.aux["teacher_x_hat"]` before
+`loss_terms`.  `after_step` re-imposes constraints such as unit-norm decoder rows.
 
 Saving follows SAELens's layout: a folder with `cfg.json` (the config dataclass plus
 "architecture") and `sae_weights.safetensors`.  `tsae.models.registry.load_sae(folder)`
@@ -80,6 +82,9 @@ class SAE(nn.Module):
 
     def loss_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def set_coeffs(self, coeffs: dict[str, float]) -> None:
+        """Take this step's scheduled coefficients before `forward` (default: nothing to hold)."""
 
     @torch.no_grad()
     def after_step(self) -> None:
