@@ -21,7 +21,7 @@ import sys, time
 from pipeline import models
 forward = models.LoadedModel.run_to_hooks
 def slow(self, tokens, hooks):
-    time.sleep(0.04)
+    time.sleep(0.2)  # generous: the signal must land mid-build even on a loaded machine
     return forward(self, tokens, hooks)
 models.LoadedModel.run_to_hooks = slow
 from pipeline.cli_cache import main
