@@ -118,9 +118,10 @@ def report_sections(plan, store, res, block, trans, figures, eval_dir: Path) -> 
         Section("Comparison with baselines", "Mean ± std over seeds on held-out sequences. Matched sparsity: "
                 "all TopK-family models (topk, t_sae, crosscoder, tsae) share the same k; relu_l1 cannot fix "
                 "its L0 (its L1 coefficient is an untuned default), so read it at its measured L0 in the "
-                "table. TSS is always shown beside FVU and delta-CE: a model that only smooths its codes "
-                "must not win TSS while losing reconstruction. tss_shuffled is the same SAE on "
-                "position-permuted inputs; tss_shuffled_codes is the chance level.",
+                "table. topk_2x is the compute control: the static TopK trained on as many tokens as the "
+                "TSAE's teacher plus the TSAE itself. TSS is always shown beside FVU and delta-CE: a model "
+                "that only smooths its codes must not win TSS while losing reconstruction. tss_shuffled is "
+                "the same SAE on position-permuted inputs; tss_shuffled_codes is the chance level.",
                 tables=[table], figures=[FigureRef(p, c) for p, c in figures["compare"]]),
         Section("Feature evolution", "Held-out passages encoded by the static TopK SAE and the TSAE.",
                 figures=[FigureRef(p, c) for p, c in figures["evolution"]]),

@@ -24,6 +24,7 @@ class Variant:
     architecture: str
     static: dict[str, Any] = field(default_factory=dict)  # overrides of the plan's static trainer fields
     tsae: dict[str, Any] = field(default_factory=dict)  # overrides of the plan's TSAE trainer fields
+    token_multiplier: float = 1.0  # scales the variant's token budgets (e.g. a compute-matched control)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _build(name: str, d: dict[str, Any], variants_doc: dict[str, Any], path: Pat
         if v not in variants_doc:
             raise UserError(f"{path}: run {name} lists unknown variant {v!r}")
         spec = variants_doc[v]
-        variants.append(Variant(v, spec["architecture"], spec.get("static", {}), spec.get("tsae", {})))
+        variants.append(_variant(v, spec))
     teacher = d.get("teacher", "topk")
     if any(v.architecture == "tsae" for v in variants) and teacher not in variants_doc:
         raise UserError(f"{path}: teacher variant {teacher!r} is not defined")
@@ -113,5 +114,9 @@ def teacher_variant(plan: ExperimentPlan, path: Path = PLAN_FILE) -> Variant:
     for v in plan.variants:
         if v.name == plan.teacher:
             return v
-    spec = read_plan_file(path)["variants"][plan.teacher]
-    return Variant(plan.teacher, spec["architecture"], spec.get("static", {}), spec.get("tsae", {}))
+    return _variant(plan.teacher, read_plan_file(path)["variants"][plan.teacher])
+
+
+def _variant(name: str, spec: dict[str, Any]) -> Variant:
+    return Variant(name, spec["architecture"], spec.get("static", {}), spec.get("tsae", {}),
+                   float(spec.get("token_multiplier", 1.0)))

@@ -51,7 +51,7 @@ def trainer_fields(plan: ExperimentPlan, variant: Variant, seed: int, token_scal
     for block in (static, tsae):
         for f in TOKEN_FIELDS:
             if f in block:
-                block[f] = int(block[f] * token_scale)
+                block[f] = int(block[f] * token_scale * variant.token_multiplier)
     return static, tsae
 
 

@@ -12,7 +12,7 @@ def test_any_other_name_runs_main_and_run_1_matches_it():
     assert main.name == "main" and run1.name == "run_1"
     assert [v.name for v in main.variants] == [v.name for v in run1.variants]
     assert main.seeds == run1.seeds and len(main.seeds) >= 3  # run_1's table needs >= 3 seeds
-    assert {"topk", "relu_l1", "t_sae", "crosscoder", "tsae"} <= {v.name for v in main.variants}
+    assert {"topk", "relu_l1", "t_sae", "crosscoder", "tsae", "topk_2x"} <= {v.name for v in main.variants}
 
 
 def test_every_run_section_loads_and_differs_where_the_plan_says():
@@ -45,6 +45,15 @@ def test_sae_key_changes_with_what_changes_the_weights_only():
     assert key != sae_key("store", plan.hook, v, s1, t1, None, 0.1)
     assert key != sae_key("other-store", plan.hook, v, s0, t0, None, 0.1)
     assert trainer_fields(plan, v, 0, 10)[0]["n_tokens"] == 10 * s0["n_tokens"]
+
+
+def test_the_compute_control_sees_the_teacher_plus_tsae_tokens():
+    plan = load_plan("run_1")
+    by = {v.name: v for v in plan.variants}
+    control = trainer_fields(plan, by["topk_2x"], 0, 1)[0]["n_tokens"]
+    teacher = trainer_fields(plan, by["topk"], 0, 1)[0]["n_tokens"]
+    tsae = trainer_fields(plan, by["tsae"], 0, 1)[1]
+    assert control == teacher + sum(tsae[f] for f in ("distill_tokens", "introduce_tokens", "refine_tokens"))
 
 
 def test_a_broken_plan_file_is_one_clear_error(tmp_path):

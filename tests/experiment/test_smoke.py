@@ -76,13 +76,13 @@ def test_every_sae_folder_holds_weights_log_and_metrics(two_runs):
     for folder in sorted((two_runs[0] / "saes").iterdir()):
         for name in ("cfg.json", "sae_weights.safetensors", "train_log.jsonl", "metrics.json"):
             assert (folder / name).is_file(), (folder, name)
-    assert (two_runs[0] / "run.log").read_text().count("train   ") == 5
+    assert (two_runs[0] / "run.log").read_text().count("train   ") == 6
 
 
 def test_the_second_run_reuses_the_cache_and_every_sae(two_runs):
     log = (two_runs[1] / "run.log").read_text()
     assert "cache hit" in log and "no activation recomputed" in log
-    assert "trained 0 SAE(s), reused 5 identical SAE(s)" in log
+    assert "trained 0 SAE(s), reused 6 identical SAE(s)" in log
     timings = json.loads((two_runs[1] / "timings.json").read_text())
     assert timings["train_s"] < 5 and timings["cache_s"] < 5
     first = json.loads((two_runs[0] / "final_info.json").read_text())["shakespeare"]
