@@ -15,7 +15,11 @@ trainer_cfg.json, run_cfg.json, train_log.jsonl, checkpoints/.
   sink with an outlier norm.  The input scale then comes from a sample of the other positions
   (the store's statistics include position 0); otherwise from the store's `mean_norm`.
 * An out_dir holding checkpoints but no finished SAE is resumed (same configuration required);
-  a finished one is refused unless `overwrite`.
+  a finished one is refused unless `overwrite`.  So after a crash (even `kill -9`), rerunning the
+  same command continues from the last complete checkpoint to the same weights.
+* Data-parallel: `torchrun --nproc_per_node=W -m pipeline.train_runner ...` (same arguments) trains
+  on W ranks, `batch_windows` being the global batch (tsae/train/distributed.py); rank 0 prepares
+  the out_dir, prints and writes; every rank reads the store.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -106,12 +111,13 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
 
 def _prepare_out_dir(out: Path, run_doc: dict[str, Any], overwrite: bool) -> bool:
     """-> resume?  Refuses a finished run (unless overwrite) and a checkpointed run of another config."""
+    from tsae.train.checkpoint import latest_checkpoint
+
     if (out / "cfg.json").is_file() and (out / "trainer_cfg.json").is_file():
         if not overwrite:
             raise UserError(f"{out} already holds a trained SAE; pass --overwrite or another --out")
         shutil.rmtree(out)
-    latest = out / "checkpoints" / "latest"
-    if not latest.is_file():
+    if latest_checkpoint(out / "checkpoints") is None:
         return False
     previous = json.loads((out / RUN_CONFIG_FILE).read_text()) if (out / RUN_CONFIG_FILE).is_file() else {}
     if _comparable(previous) != _comparable(run_doc):
@@ -149,9 +155,7 @@ def run_training(cfg: TrainRunConfig):
     out = Path(cfg.out_dir)
     run_doc = {**dataclasses.asdict(cfg), "store_key": store.key, "hook": hook, "skip_positions": skip,
                "trainer_cfg": dataclasses.asdict(tcfg)}
-    resume = _prepare_out_dir(out, run_doc, cfg.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG_FILE).write_text(json.dumps(run_doc, indent=2, sort_keys=True, default=str))
+    resume = _prepare_on_rank0(out, run_doc, cfg.overwrite)
 
     acts = store.activations(hook)
     common = dict(out_dir=out, resume=out if resume else None, stats_mean_norm=stats_norm,
@@ -163,6 +167,28 @@ def run_training(cfg: TrainRunConfig):
     from tsae.train.static_trainer import train_static
 
     return train_static(tcfg, acts, **common)
+
+
+def _prepare_on_rank0(out: Path, run_doc: dict[str, Any], overwrite: bool) -> bool:
+    """Rank 0 checks and prepares the out_dir and writes run_cfg.json; every rank gets its verdict
+    (resume, or the same UserError)."""
+    from tsae.train.distributed import current
+
+    dist = current()
+    verdict: tuple[bool, str | None] = (False, None)
+    if dist.is_main:
+        try:
+            verdict = (_prepare_out_dir(out, run_doc, overwrite), None)
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / (RUN_CONFIG_FILE + ".tmp")
+            tmp.write_text(json.dumps(run_doc, indent=2, sort_keys=True, default=str))
+            tmp.replace(out / RUN_CONFIG_FILE)
+        except UserError as e:
+            verdict = (False, str(e))
+    resume, error = dist.broadcast_object(verdict)
+    if error is not None:
+        raise UserError(error)
+    return resume
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -188,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     static, tsae = {}, {}
+    from tsae.train import distributed
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # only rank 0 speaks
     try:
         for item in args.set:
             name, eq, value = item.partition("=")
@@ -201,14 +230,21 @@ def main(argv: list[str] | None = None) -> int:
                              cache_dir=args.cache_dir, val_fraction=args.val_fraction,
                              skip_bos=not args.keep_bos, static=static, tsae=tsae,
                              static_sae=args.static_sae, overwrite=args.overwrite)
+        distributed.init_from_env(str(static.get("device", tsae.get("device", "auto"))))
         run_training(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"interrupted; rerun the same command to resume from {args.out}/checkpoints", file=sys.stderr)
+        if main_rank:
+            print(f"interrupted; rerun the same command to resume from {args.out}/checkpoints",
+                  file=sys.stderr)
         return 130
-    print(f"saved {args.out}")
+    finally:
+        distributed.shutdown()
+    if main_rank:
+        print(f"saved {args.out}")
     return 0
 
 

@@ -22,6 +22,14 @@ Order of one epoch, fully determined by `(seed, epoch)` and independent of the d
 Because the plan is index-only, `start_batch=n` skips n batches without reading their data: a
 trainer resumed from a checkpoint re-creates the loader with the same seed and fast-forwards.
 
+Data-parallel shares: with `rank=r, world_size=W` the plan and the batches are those of one process
+(`batch_size` is the *global* batch), and rank r yields rows [r n // W, (r+1) n // W) of each batch
+of n windows, so the W shares of a step concatenate to exactly the 1-process batch.  Every rank
+reads the chunks of every buffer (a buffer's windows are shuffled across its sequences, so each
+rank needs nearly all of them) and gathers only its own rows.  A last partial batch smaller than W
+is dropped (a share may not be empty); `len`, `batches_yielded` and `start_batch` count global
+batches.
+
 A background thread reads chunks and assembles batches into a bounded queue (`prefetch` batches);
 the next buffer's chunks are read while the current one is being served.  At most about
 2 x `buffer_chunks` chunks are in memory.  `wait_s` accumulates the time the consumer spent
@@ -87,6 +95,7 @@ class WindowBatches:
     n_tokens: stop once this many tokens (windows x w) were yielded; the last batch is cut short
         to ceil(remaining / w) windows.
     start_batch: skip this many batches of the stream (index-only, no reads): resume.
+    rank, world_size: yield only this rank's share of every batch (see module doc).
     decode: optional function applied to each block read from `acts` (e.g. bf16 bits -> float).
     """
 
@@ -110,6 +119,8 @@ class WindowBatches:
         tail: str = "align_end",
         skip: int = 0,
         decode: Callable[[np.ndarray], np.ndarray] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if len(acts.shape) != 3:
@@ -120,6 +131,10 @@ class WindowBatches:
             raise ValueError(f"tokens shape {tuple(tokens.shape)} != {(self.n_seq, self.ctx)}")
         if batch_size < 1 or buffer_chunks < 1 or prefetch < 1:
             raise ValueError("batch_size, buffer_chunks and prefetch must be >= 1")
+        if not 0 <= rank < world_size or batch_size < world_size:
+            raise ValueError(f"need 0 <= rank < world_size <= batch_size, got rank {rank}, world_size "
+                             f"{world_size}, batch_size {batch_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.window, self.batch_size, self.seed = int(window), int(batch_size), int(seed)
         self.starts = window_starts(self.ctx, self.window, tail, skip)
         self.skip = int(skip)
@@ -172,7 +187,8 @@ class WindowBatches:
         total = self._total_windows()
         if total is None:
             raise TypeError("unbounded WindowBatches (epochs=None, n_tokens=None) has no length")
-        n = total // self.batch_size if self.drop_last else math.ceil(total / self.batch_size)
+        full, last = divmod(total, self.batch_size)  # a partial last batch needs a row per rank
+        n = full + int(last > 0 and last >= self.world_size and not self.drop_last)
         return max(n - self.start_batch, 0)
 
     def sample_sequences(self, max_seqs: int = 256) -> np.ndarray:
@@ -262,7 +278,7 @@ class WindowBatches:
                         batch, carry, n_carry = self._take(carry, n_carry, self.batch_size)
                         if not put(batch):
                             return
-                if n_carry and not self.drop_last:
+                if n_carry and not self.drop_last and n_carry >= self.world_size:
                     batch, carry, n_carry = self._take(carry, n_carry, n_carry)
                     if not put(batch):
                         return
@@ -281,19 +297,23 @@ class WindowBatches:
         return {"acts": acts, "tokens": toks, "row_of": row_of}
 
     def _take(self, carry, n_carry: int, n: int):
-        """Pop the first n windows of `carry` into one WindowBatch."""
+        """Pop the first n windows of `carry` (one batch) into a WindowBatch of this rank's share."""
         pieces_a, pieces_t, seqs, starts = [], [], [], []
-        need = n
+        lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+        need, done = n, 0
         while need:
             buf, win = carry[0]
             part, rest = win[:need], win[need:]
-            rows = buf["row_of"][part[:, 0]]
-            pos = part[:, 1:2] + np.arange(self.window)  # [b, w] consecutive positions
-            pieces_a.append(buf["acts"][rows[:, None], pos])
-            if buf["tokens"] is not None:
-                pieces_t.append(buf["tokens"][rows[:, None], pos])
-            seqs.append(part[:, 0])
-            starts.append(part[:, 1])
+            mine = part[max(lo - done, 0) : max(hi - done, 0)]  # all of part on one process
+            if len(mine):
+                rows = buf["row_of"][mine[:, 0]]
+                pos = mine[:, 1:2] + np.arange(self.window)  # [b, w] consecutive positions
+                pieces_a.append(buf["acts"][rows[:, None], pos])
+                if buf["tokens"] is not None:
+                    pieces_t.append(buf["tokens"][rows[:, None], pos])
+                seqs.append(mine[:, 0])
+                starts.append(mine[:, 1])
+            done += len(part)
             need -= len(part)
             if len(rest):
                 carry[0] = (buf, rest)

@@ -11,11 +11,18 @@ A checkpoint folder holds
 
 It is written to `<folder>.tmp` and renamed, so a crash mid-write never leaves a half checkpoint.
 `load_checkpoint` restores model, optimiser and RNGs in place and returns the trainer state.
+
+A checkpoints root holds the folders and `latest`, a text file naming the newest one, replaced
+atomically (written to `latest.tmp`, then renamed).  `latest_checkpoint(root)` trusts `latest` when
+it names a complete folder, else takes the complete folder with the most steps, so a process killed
+at any instant (mid-write, between two renames) resumes from its last complete checkpoint.  This is
+about process crashes: files are not fsync'ed, so a power loss may still lose recent writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -88,9 +95,36 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     doc = {"trainer": state, "optimizer": opt_meta, "rng": rng_meta}
     (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
+    old = folder.with_name(folder.name + ".old")  # an existing checkpoint of that name is replaced
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def write_latest(root: str | Path, name: str) -> None:
+    """Point root/latest at checkpoint `name`, atomically."""
+    tmp = Path(root) / "latest.tmp"
+    tmp.write_text(name)
+    os.replace(tmp, Path(root) / "latest")
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """A complete checkpoint folder (the state file is written last, inside the temporary folder)."""
+    folder = Path(folder)
+    return folder.suffix not in (".tmp", ".old") and (folder / STATE_FILE).is_file()
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The folder `root/latest` names if complete, else the complete checkpoint with most steps."""
+    root = Path(root)
+    named = root / (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    if named is not None and named != root and is_checkpoint(named):
+        return named
+    done = [p for p in root.iterdir() if p.is_dir() and is_checkpoint(p)] if root.is_dir() else []
+    return max(done, key=lambda p: (read_state(p)["step"], p.stat().st_mtime), default=None)
 
 
 def read_state(folder: str | Path) -> dict[str, Any]:

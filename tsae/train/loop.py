@@ -25,7 +25,13 @@ gate openness, ..., under "coeff/<name>"), tokens seen, tokens/s and the time sp
 
 Checkpoints (checkpoint.py) carry model, optimiser, RNG states and `state` (step, tokens, batches,
 phase, guard history, scale, plus whatever the trainer adds, e.g. the loader seed), so a trainer
-that re-creates its loader at `state["batches"]` resumes bit-identically.
+that re-creates its loader at `state["batches"]` resumes bit-identically.  A resumed loop cuts the
+JSONL log back to its checkpoint's step, so the log reads as one uninterrupted run.
+
+Data-parallel (an initialised process group, distributed.py): each rank steps on its share of the
+global batch; after backward the gradients and the loss are replaced by their token-weighted
+global values (one all-reduce), so the guard, the clock (global tokens) and the Adam step agree on
+every rank; firing/lifecycle trackers record the global batch; rank 0 alone logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -45,7 +52,8 @@ import torch
 from torch import Tensor
 
 from tsae.models.base import SAE, SAEOutput
-from tsae.train.checkpoint import load_checkpoint, save_checkpoint
+from tsae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_latest
+from tsae.train.distributed import current
 from tsae.train.schedule import Schedule
 
 Callback = Callable[["TrainLoop", Tensor, SAEOutput, dict[str, Tensor]], None]
@@ -54,7 +62,9 @@ Teacher = Callable[[Tensor, dict[str, float]], tuple[Tensor, Tensor]]
 
 def auto_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # the explicit index: the loader's thread would otherwise copy to cuda:0 on every rank
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
     return torch.device(device)
 
 
@@ -90,15 +100,33 @@ class JsonlLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int | None) -> None:
+        """Keep only the file's complete records with step <= `step` (None: none); written to a
+        temporary file and renamed.  A crash mid-write leaves at most one partial last line: dropped."""
+        if not (self.path and self.path.is_file()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if step is not None and rec.get("step", 0) <= step:
+                keep.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
+
 
 class TrainLoop:
     def __init__(self, model: SAE, cfg: LoopConfig, *, scale: float, device: str | torch.device = "auto",
                  out_dir: str | Path | None = None, log: JsonlLog | None = None):
-        self.cfg, self.device = cfg, auto_device(device)
+        self.cfg, self.device, self.dist = cfg, auto_device(device), current()
         self.model = model.to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.out_dir = Path(out_dir) if out_dir else None
-        self.log = log or JsonlLog(self.out_dir / "train_log.jsonl" if self.out_dir else None)
+        main = self.out_dir and self.dist.is_main  # only rank 0 writes
+        self.log = log or JsonlLog(self.out_dir / "train_log.jsonl" if main else None)
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "batches": 0, "skipped": 0, "restored": 0,
                                       "phase": "", "scale": float(scale), "history": [], "run_skips": 0}
         self._snapshot: tuple[dict, dict] | None = None
@@ -144,7 +172,12 @@ class TrainLoop:
 
         teacher: (x, coeffs) -> (codes, x_hat) of a frozen model on the same (scaled) inputs; on
         steps with coeffs["distill"] > 0 they are put in out.aux["teacher_codes"] / ["teacher_x_hat"]
-        for the model's distillation term."""
+        for the model's distillation term.
+        Data-parallel: `batches` yields this rank's share of each global batch; callbacks see it."""
+        with self.dist.global_trackers(self.model):
+            return self._run(batches, schedule, until_tokens, phase, callbacks, teacher)
+
+    def _run(self, batches, schedule, until_tokens, phase, callbacks, teacher) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg, s, model, opt = self.cfg, self.state, self.model, self.opt
@@ -156,7 +189,7 @@ class TrainLoop:
         acc: dict[str, Tensor] = {}
         n_acc, wait, t_last, tok_last = 0, 0.0, time.perf_counter(), s["tokens"]
         bar = tqdm(total=until_tokens, initial=s["tokens"], unit="tok", unit_scale=True,
-                   disable=not cfg.progress, desc=phase or "train", leave=False)
+                   disable=not (cfg.progress and self.dist.is_main), desc=phase or "train", leave=False)
         it = iter(batches)
         coeffs: dict[str, float] = {}
         lr: float | None = None
@@ -185,12 +218,16 @@ class TrainLoop:
                 terms = model.loss_terms(x, out, coeffs)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
+                loss, n_tokens = terms["loss"].detach(), x.shape[0] * x.shape[1]
+                if self.dist.active:
+                    n_local = n_tokens
+                    loss, n_tokens = self.dist.reduce_step(params, loss, n_local)
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                loss_v, gnorm_v = torch.stack([terms["loss"].detach(), gnorm.detach()]).tolist()
+                loss_v, gnorm_v = torch.stack([loss, gnorm.detach()]).tolist()
 
                 s["step"] += 1
                 s["batches"] += 1
-                s["tokens"] += x.shape[0] * x.shape[1]
+                s["tokens"] += n_tokens
                 verdict = self._verdict(loss_v, gnorm_v)
                 if verdict:
                     opt.zero_grad(set_to_none=True)
@@ -206,6 +243,8 @@ class TrainLoop:
                     s["history"] = (s["history"] + [loss_v])[-cfg.spike_window :]
                     for name, v in terms.items():
                         v = v.detach()
+                        if self.dist.active:  # this rank's part of the global mean (summed at log)
+                            v = v * (n_local / n_tokens)
                         acc[name] = acc[name] + v if name in acc else v.clone()
                     n_acc += 1
                     for cb in callbacks:
@@ -234,7 +273,8 @@ class TrainLoop:
         rec: dict[str, Any] = {"step": s["step"], "tokens": s["tokens"], "phase": s["phase"]}
         if n_acc:
             names = list(acc)
-            means = (torch.stack([acc[n].float() for n in names]) / n_acc).tolist()
+            sums = self.dist.all_reduce_(torch.stack([acc[n].float() for n in names]))
+            means = (sums / n_acc).tolist()
             rec.update(dict(zip(names, means, strict=True)))
         if "dead_frac" not in rec and hasattr(self.model, "activity"):
             dead = self.model.activity.dead_mask(self.cfg.dead_window_tokens)
@@ -248,12 +288,13 @@ class TrainLoop:
 
     # ---- persistence -------------------------------------------------------------------------
     def checkpoint(self, name: str) -> Path | None:
-        """Save a checkpoint under out_dir/checkpoints/<name> and point `latest` at it."""
-        if self.out_dir is None:
+        """Save a checkpoint under out_dir/checkpoints/<name> and point `latest` at it (rank 0 only:
+        every rank holds the same model, optimiser and state)."""
+        if self.out_dir is None or not self.dist.is_main:
             return None
         root = self.out_dir / "checkpoints"
         path = save_checkpoint(root / name, self.model, self.opt, self.state)
-        (root / "latest").write_text(name)
+        write_latest(root, name)
         periodic = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in periodic[: max(len(periodic) - self.cfg.keep_checkpoints, 0)]:
             if old != path:
@@ -263,11 +304,15 @@ class TrainLoop:
 
     def resume(self, folder: str | Path) -> dict[str, Any]:
         """Restore model, optimiser, RNGs and state from a checkpoint folder (or a run folder with
-        checkpoints/latest)."""
+        checkpoints/: its latest complete checkpoint); the log is cut back to the checkpoint's step."""
         folder = Path(folder)
-        if (folder / "checkpoints" / "latest").is_file():
-            folder = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
+        if (folder / "checkpoints").is_dir():
+            found = latest_checkpoint(folder / "checkpoints")
+            if found is None:
+                raise FileNotFoundError(f"{folder / 'checkpoints'} holds no complete checkpoint")
+            folder = found
         self.state = load_checkpoint(folder, self.model, self.opt)
+        self.log.truncate_after(self.state["step"])
         self.event("resumed", checkpoint=str(folder))
         return self.state
 

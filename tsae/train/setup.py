@@ -24,6 +24,7 @@ import torch
 from tsae.data.windows import WindowBatches
 from tsae.models.base import SAE
 from tsae.models.registry import sae_class
+from tsae.train.distributed import current
 from tsae.train.loop import Callback, Teacher, TrainLoop
 from tsae.train.scaling import input_scale, mean_norm
 from tsae.train.schedule import Schedule
@@ -35,18 +36,25 @@ def make_source(data, *, window: int, batch_size: int, seed: int, n_tokens: int,
                 seq_indices=None, skip: int = 0, device: str | torch.device = "cpu") -> WindowBatches:
     """A WindowBatches stream of n_tokens tokens over `data` (an array [n_seq, ctx, d] or a
     ready WindowBatches, used as given).  On a GPU `device`, the loader thread pins each batch and
-    copies it to the device, off the training thread."""
+    copies it to the device, off the training thread.  Data-parallel: this rank's share of every
+    global batch of `batch_size` windows."""
+    dist = current()
     if isinstance(data, WindowBatches):
+        if (data.rank, data.world_size) != (dist.rank, dist.world_size):
+            raise ValueError(f"a WindowBatches for rank {data.rank} of {data.world_size} given to rank "
+                             f"{dist.rank} of {dist.world_size}; pass rank= and world_size=, or the array")
         return data
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     return WindowBatches(data, window=window, batch_size=batch_size, seed=seed, n_tokens=n_tokens,
-                         seq_indices=seq_indices, skip=skip, device=device)
+                         seq_indices=seq_indices, skip=skip, device=device, rank=dist.rank,
+                         world_size=dist.world_size)
 
 
 def resolve_scale(source: WindowBatches, sample: np.ndarray, stats_mean_norm: float | None) -> float:
+    """s = sqrt(d) / E||x|| (rank 0's value on every rank)."""
     norm = stats_mean_norm if stats_mean_norm is not None else mean_norm(sample)
-    return input_scale(norm, source.d)
+    return current().broadcast_object(input_scale(norm, source.d))
 
 
 def build_sae(architecture: str, d_in: int, d_sae: int, seed: int, **fields: Any) -> SAE:
@@ -94,9 +102,16 @@ def run_phases(loop: TrainLoop, make_batches: Callable[[int], Iterable], phases:
 
 
 def save_run(folder: str | Path, loop: TrainLoop, trainer_cfg: Any) -> Path:
+    """Write the final SAE and trainer_cfg.json (rank 0; the others wait until it is written)."""
     folder = Path(folder)
+    if not loop.dist.is_main:
+        loop.dist.barrier()
+        return folder
     loop.export(folder)
     doc = {**dataclasses.asdict(trainer_cfg), "trainer": type(trainer_cfg).__name__,
            "input_scale": loop.scale, "final": {k: loop.state[k] for k in ("step", "tokens", "skipped")}}
-    (folder / TRAINER_CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+    tmp = folder / (TRAINER_CONFIG_FILE + ".tmp")  # the file that marks a finished run: atomic
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    tmp.replace(folder / TRAINER_CONFIG_FILE)
+    loop.dist.barrier()
     return folder

@@ -114,6 +114,8 @@ def train_static(cfg: StaticTrainerConfig, data, *, out_dir: str | Path | None =
 
     out_dir: where checkpoints, train_log.jsonl and the final SAE go (None: nothing written).
     resume: a checkpoint folder or a previous out_dir (continues bit-identically).
+    Under torch.distributed every rank calls this with the same arguments (see distributed.py);
+    cfg.batch_windows is then the global batch.
     stats_mean_norm: E||x|| from the store's statistics (else estimated on a sample).
     meta: model_name / hook_name / hook_layer recorded in the SAE's cfg.json.
     """
@@ -128,10 +130,12 @@ def train_static(cfg: StaticTrainerConfig, data, *, out_dir: str | Path | None =
     if resume:
         loop.resume(resume)
     else:
+        loop.log.truncate_after(None)  # a fresh run starts a fresh log
         init_from_data(model, torch.from_numpy(sample).to(loop.device) * scale, cfg.b_dec_init)
+    loop.dist.broadcast_module(loop.model)  # data-parallel: rank 0's weights everywhere
     loop.state["loader"] = {"seed": source.seed, "window": source.window, "batch_size": source.batch_size}
     phase = Phase(cfg.architecture, cfg.n_tokens, keep_known(static_schedule(cfg), model), callbacks)
     run_phases(loop, source.restart, [phase])
     if out_dir:
-        save_run(out_dir, loop, cfg)
+        save_run(out_dir, loop, cfg)  # rank 0 writes
     return TrainResult(loop.exported(), loop)

@@ -21,7 +21,8 @@ All parameters are trainable in every phase; the phases differ only in coefficie
 Revival: every `revive_every_tokens` in the phases listed in `revive_phases`, latents the model's
 LifecycleTracker marks dead over `dead_window_tokens` (never-born ones included) are re-pointed at
 badly reconstructed tokens of the current batch (`TemporalSAE.revive_dead`) and the Adam moments of
-every parameter entry this rewrote are reset; logged as {"event": "revived"}.
+every parameter entry this rewrote are reset; logged as {"event": "revived"}.  Data-parallel: rank 0
+revives on the gathered global batch and broadcasts the model.
 
 The input scale is the one that makes the static SAE's decoder rows unit norm (s = 1 / median
 row norm of the static SAE for raw activations): for a static SAE trained by `train_static` this
@@ -41,6 +42,7 @@ from tsae.models.base import SAE
 from tsae.models.registry import load_sae
 from tsae.models.topk import TopKSAE, topk_activation
 from tsae.models.tsae import TemporalSAE
+from tsae.train.checkpoint import latest_checkpoint
 from tsae.train.loop import Callback, LoopConfig, TrainLoop, auto_device
 from tsae.train.schedule import Ramp, Schedule, lr_schedule
 from tsae.train.setup import Phase, make_source, run_phases, save_run
@@ -136,14 +138,16 @@ def reviver(cfg: TSAETrainerConfig):
             return
         s["next_revive"] = s["tokens"] + cfg.revive_every_tokens
         life = model.lifecycle
-        if int(life.tokens_seen) < cfg.dead_window_tokens:
-            return
-        dead = life.dead_mask(cfg.dead_window_tokens)
+        dead = life.dead_mask(cfg.dead_window_tokens) & (life.tokens_seen >= cfg.dead_window_tokens)
+        dead = loop.dist.broadcast_(dead)  # rank 0 decides (trackers agree; the collectives must too)
         never = life.never_born_mask()
         if not dead.any():
             return
         before = {p: p.detach().clone() for p in model.parameters()}
-        n = model.revive_dead(dead, x.detach())
+        x = loop.dist.gather_rows(x.detach())  # data-parallel: the global batch, as on one process
+        n = model.revive_dead(dead, x) if loop.dist.is_main else 0
+        loop.dist.broadcast_module(model)  # rank 0 revives (it draws the tokens), every rank follows
+        n = loop.dist.broadcast_object(n)
         reset_moments(loop.opt, before)
         loop.event("revived", n=n, never_born=int((dead & never).sum()))
 
@@ -159,7 +163,7 @@ def _static_sae(static, cfg: TSAETrainerConfig, data, out_dir: Path | None, **kw
         if folder and (folder / "cfg.json").is_file():
             static = load_sae(folder)
         else:
-            resume = folder if folder and (folder / "checkpoints" / "latest").is_file() else None
+            resume = folder if folder and latest_checkpoint(folder / "checkpoints") else None
             scfg = copy.deepcopy(cfg.static)
             scfg.architecture = "topk"
             static = train_static(scfg, data, out_dir=folder, resume=resume, **kw).sae
@@ -198,6 +202,10 @@ def train_tsae(cfg: TSAETrainerConfig, data, *, static: SAE | str | Path | None 
     teacher.to(loop.device)
     if resume:
         loop.resume(resume)
+    else:
+        loop.log.truncate_after(None)  # a fresh run starts a fresh log
+    loop.dist.broadcast_module(loop.model)  # data-parallel: rank 0's weights everywhere
+    loop.dist.broadcast_module(teacher)
     source = make_source(data, window=cfg.window, batch_size=cfg.batch_windows, seed=cfg.seed,
                          n_tokens=cfg.n_tokens, seq_indices=seq_indices,
                          skip=cfg.skip_positions, device=auto_device(cfg.device))

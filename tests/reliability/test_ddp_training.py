@@ -1,0 +1,123 @@
+"""Data-parallel training on 2 CPU ranks (gloo on loopback): the 1-process model up to floating-point
+summation order, identical ranks, rank-0-only outputs, exact resume, and torchrun through the CLI
+surviving a kill -9 of the whole job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import (
+    assert_equal,
+    cli_env,
+    kill_when_checkpointed,
+    max_rel_diff,
+    run_ranks,
+    tiny_store,
+    train,
+    train_command,
+    weights,
+)
+
+from pipeline.train_runner import main
+from tsae.data.synthetic import generate
+from tsae.train.static_trainer import StaticTrainerConfig
+from tsae.train.tsae_trainer import TSAETrainerConfig
+
+TOL = 1e-5  # relative (||a - b|| / ||a|| per tensor); measured <= 3e-7 (see docs/training.md)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate(d=16, n_feat=24, n_seq=64, seq_len=32, seed=2).acts
+
+
+def tsae_cfg(**kw) -> TSAETrainerConfig:
+    """A TSAE with its static TopK pretraining, aux-k on dead latents, k annealing, revivals, and a
+    last partial batch in both runs (5 windows in static, 3 in refine: shares 2+3 and 1+2)."""
+    static = StaticTrainerConfig(d_sae=64, k=4, k_start=8, n_tokens=40 * 128 + 40, batch_windows=16, window=8,
+                                 lr=3e-3, log_every=8, checkpoint_every=10, progress=False,
+                                 dead_window_tokens=512)
+    base = dict(k=4, distill_tokens=1024, introduce_tokens=2048, refine_tokens=2048 + 48, memory_window=4,
+                lstm_hidden=8, lr=2e-3, batch_windows=8, window=16, log_every=4, checkpoint_every=10,
+                progress=False, dead_window_tokens=512, revive_every_tokens=512, static=static)
+    return TSAETrainerConfig(**{**base, **kw})
+
+
+def records(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def with_threads(fn, *args):
+    """Run fn on one thread, as the spawned ranks and the CLI subprocesses do."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_ranks_train_the_one_process_model(tmp_path, data):
+    with_threads(train, {"kind": "tsae", "cfg": tsae_cfg(), "data": data, "out": tmp_path / "one"})
+    run_ranks([{"kind": "tsae", "cfg": tsae_cfg(), "data": data, "out": tmp_path / "two"}])
+    two = tmp_path / "two"
+    for sub in ("static", "."):  # the static pretraining and the TSAE, both data-parallel
+        diff = max_rel_diff(weights(tmp_path / "one" / sub), weights(two / sub))  # counts: equal
+        assert diff < TOL, (sub, diff)
+    assert_equal(load_file(str(two / "rank0.safetensors")), load_file(str(two / "rank1.safetensors")))
+    # the same decisions: revivals (rank 0 on the gathered global batch), skipped steps, log steps
+    rec1, rec2 = records(tmp_path / "one"), records(two)
+    revived = [(r["step"], r["n"]) for r in rec1 if r.get("event") == "revived"]
+    assert revived and revived == [(r["step"], r["n"]) for r in rec2 if r.get("event") == "revived"]
+    assert [(r.get("event"), r["step"]) for r in rec1] == [(r.get("event"), r["step"]) for r in rec2]
+    # logged means are global ones (rank 0 alone writes, once per record)
+    for a, b in zip(rec1, rec2, strict=True):
+        if "mse" in a:
+            assert b["mse"] == pytest.approx(a["mse"], rel=1e-4) and b["tokens"] == a["tokens"]
+    assert (two / "checkpoints" / "phase_refine").is_dir()
+
+
+def test_interrupted_two_rank_run_resumes_exactly(tmp_path, data):
+    """Stopped mid-introduce (step 33, after checkpoint 30), then resumed: the uninterrupted weights."""
+    cfg = tsae_cfg()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_ranks([{"kind": "tsae", "cfg": cfg, "data": data, "out": full},
+               {"kind": "tsae", "cfg": cfg, "data": data, "out": cut, "stop_at": 33},
+               {"kind": "tsae", "cfg": cfg, "data": data, "out": cut, "resume": True}])
+    assert any(r.get("event") == "resumed" and r["step"] == 30 for r in records(cut))
+    assert_equal(weights(full), weights(cut))
+    assert_equal(weights(full / "static"), weights(cut / "static"))
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, tmp_path_factory):
+    return tiny_store(tmp_path_factory.getbasetemp() / "reliability_store", tiny_model)
+
+
+ARGS = ["--set", "d_sae=64", "--set", "k=8", "--set", "n_tokens=76800", "--set", "batch_windows=32",
+        "--set", "window=8", "--set", "lr=0.003", "--set", "checkpoint_every=10", "--set", "log_every=10",
+        "--set", "progress=false", "--set", "dead_window_tokens=2000"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kills through /proc")
+def test_torchrun_cli_killed_and_rerun(store, tmp_path):
+    """`torchrun --nproc_per_node=2 -m pipeline.train_runner`: every process of the job SIGKILLed after
+    a checkpoint, then the same command again, ends at the 1-process CLI's weights (to tolerance; the
+    bitwise resume of 2 ranks is the test above)."""
+    out = tmp_path / "two"
+    cmd = train_command("--store", str(store.location), "--out", str(out), *ARGS, ranks=2)
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    step = kill_when_checkpointed(proc, out)
+    assert not (out / "trainer_cfg.json").exists() and 0 < step < 300  # killed mid-training
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"saved {out}"  # rank 0 alone prints
+    assert sum(r.get("event") == "resumed" for r in records(out)) == 1
+    with_threads(main, ["--store", str(store.location), "--out", str(tmp_path / "one"), *ARGS])
+    assert max_rel_diff(weights(tmp_path / "one"), weights(out)) < TOL
+    assert [r["step"] for r in records(out) if "event" not in r] == list(range(10, 301, 10))
