@@ -62,6 +62,26 @@ def with_threads(fn, *args):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("n_windows", [8 * 6 + 5, 8 * 6 + 2])  # last batch 5 (shares 1+2+2), 2 (< 3: dropped)
+def test_rank_shares_concatenate_to_the_one_process_batches(data, n_windows):
+    from tsae.data.windows import WindowBatches
+
+    kw = dict(window=8, batch_size=8, seed=3, n_tokens=n_windows * 8, chunk_seqs=8, buffer_chunks=2)
+    one = list(WindowBatches(data, **kw))
+    ranks = [list(WindowBatches(data, **kw, rank=r, world_size=3)) for r in range(3)]
+    expect = one if n_windows % 8 >= 3 else one[:-1]
+    assert [len(WindowBatches(data, **kw, rank=r, world_size=3)) for r in range(3)] == [len(expect)] * 3
+    assert all(len(r) == len(expect) for r in ranks)
+    for i, batch in enumerate(expect):
+        parts = [r[i] for r in ranks]
+        assert [len(p) for p in parts] == [len(batch) // 3 + (j >= 3 - len(batch) % 3) for j in range(3)]
+        assert torch.equal(torch.cat([p.acts for p in parts]), batch.acts)
+        assert torch.equal(torch.cat([p.seq for p in parts]), batch.seq)
+    # resume: a rank's loader restarted at global batch 4 continues its own shares
+    rest = list(WindowBatches(data, **kw, rank=1, world_size=3).restart(4))
+    assert all(torch.equal(a.acts, b.acts) for a, b in zip(rest, ranks[1][4:], strict=True))
+
+
 def test_two_ranks_train_the_one_process_model(tmp_path, data):
     with_threads(train, {"kind": "tsae", "cfg": tsae_cfg(), "data": data, "out": tmp_path / "one"})
     run_ranks([{"kind": "tsae", "cfg": tsae_cfg(), "data": data, "out": tmp_path / "two"}])
