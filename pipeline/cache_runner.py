@@ -37,7 +37,7 @@ from pipeline import cache_key, paths
 from pipeline.errors import ModelError, SourceError, StoreError, UserError
 from pipeline.store import read_attrs
 from pipeline.store_layout import FORMAT_TAG, FORMAT_VERSION, STATUS_COMPLETE, join
-from pipeline.store_writer import BackgroundWriter, Chunk, Layout, StoreWriter
+from pipeline.store_writer import BackgroundWriter, Chunk, Layout, StoreComplete, StoreWriter
 
 DEFAULT_MAX_TOKENS = 200_000  # the default build: a few minutes for SmolLM2 to layer 15 on 2 CPU cores
 STORE_DTYPES = ("float16", "float32")  # zarr has no bfloat16; it is never stored
@@ -202,19 +202,23 @@ def build_cache(cfg: CacheConfig, *, model=None) -> BuildResult:
         p = plan(cfg, model)
     attrs = read_attrs(p.location)
     if attrs is not None and attrs.get("status") == STATUS_COMPLETE:
-        return BuildResult(
-            p.key,
-            str(p.location),
-            True,
-            attrs["n_seq"],
-            attrs["n_seq"] * attrs["ctx"],
-            seconds=time.perf_counter() - t0,
-            attrs=attrs,
-        )
+        return _hit(p, attrs, t0)
     check_writable(paths.cache_home(cfg.cache_dir))
     model = model if model is not None else _load(cfg)
     _check_model(cfg, model, p.hooks)
     return _build(cfg, model, p, t0)
+
+
+def _hit(p: Plan, attrs: dict, t0: float) -> BuildResult:
+    return BuildResult(
+        p.key,
+        str(p.location),
+        True,
+        attrs["n_seq"],
+        attrs["n_seq"] * attrs["ctx"],
+        seconds=time.perf_counter() - t0,
+        attrs=attrs,
+    )
 
 
 def _load(cfg: CacheConfig):
@@ -311,19 +315,26 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
             raise SourceError(f"{cfg.dataset} ({cfg.split}) yields no sequence of ctx={cfg.ctx} tokens")
         _probe_shapes(model, first[1][:1, :2], p.hooks)  # two positions: cheap, shows the layout
     capacity = -(-cfg.max_tokens // cfg.ctx) if cfg.max_tokens else 16 * cfg.chunk_seqs
-    writer = StoreWriter.open(
-        p.location,
-        attrs=_root_attrs(cfg, model, p),
-        layout=layout,
-        batch_size=cfg.batch_size,
-        capacity_seqs=capacity,
-    )
+    try:
+        writer = StoreWriter.open(
+            p.location,
+            attrs=_root_attrs(cfg, model, p),
+            layout=layout,
+            batch_size=cfg.batch_size,
+            capacity_seqs=capacity,
+        )
+    except StoreComplete:  # another process finished this key meanwhile: its store answers
+        chunks.close()
+        return _hit(p, read_attrs(p.location), t0)
     resumed = writer.n_seq
+    if resuming:
+        _remove_partial_writes(p.location)
     batch_size = writer.manifest.batch_size  # a resumed build keeps its batches (same numerics)
-    if first is None:  # resuming: skip exactly the chunks already written (in whole chunks)
-        chunks = itertools.islice(chunks, writer.manifest.completed_chunks, None)
-    else:
+    if first is not None:
         chunks = itertools.chain([first], chunks)
+    # skip exactly the chunks already written (another process may have started the store after
+    # this one looked, so this holds for a fresh start too)
+    chunks = itertools.islice(chunks, writer.manifest.completed_chunks, None)
     bar = _progress(cfg, p.key, resumed)
     computed, model_s = 0, 0.0
     bg = BackgroundWriter(writer)
@@ -367,6 +378,14 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
         time.perf_counter() - t0,
         final,
     )
+
+
+def _remove_partial_writes(location) -> None:
+    """Delete the temporary files (``*.partial``) that zarr's atomic writes leave when the process
+    is killed mid-write; this build holds the store's lock, so no other writer owns one."""
+    if isinstance(location, Path):
+        for path in location.rglob("*.partial"):
+            path.unlink(missing_ok=True)
 
 
 def _forward_chunk(model, tokens: np.ndarray, hooks: list[str], batch_size: int, store_dtype: str) -> dict:

@@ -90,6 +90,10 @@ class Layout:
         return out
 
 
+class StoreComplete(StoreError):
+    """The store a writer was asked to open is complete already (another process finished it)."""
+
+
 def _utcnow() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -128,7 +132,7 @@ class StoreWriter:
                 if have.get("key") != attrs["key"]:
                     raise StoreError(f"{location} holds store {have.get('key')!r}, not {attrs['key']!r}")
                 if have.get("status") == STATUS_COMPLETE:
-                    raise StoreError(f"store {attrs['key']} is already complete")
+                    raise StoreComplete(f"store {attrs['key']} is already complete")
                 if (have["chunk_seqs"], have.get("inner_seqs")) != (layout.chunk_seqs, layout.inner_seqs):
                     raise StoreError(
                         f"{location} was started with chunk_seqs={have['chunk_seqs']}, "
@@ -145,6 +149,13 @@ class StoreWriter:
             manifest = _fresh_manifest(layout, batch_size)
             write_key(store, MANIFEST_KEY, manifest.to_bytes())
             return cls(location, group, manifest, layout, lock_fd)
+        except OSError as e:  # e.g. the disk filled while the arrays were created: nothing was completed
+            _unlock(lock_fd)
+            full = "disk full" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e})"
+            raise StoreError(
+                f"{full} while opening the store in {location}; rerun the same command to resume"
+                + (" after freeing space" if e.errno == errno.ENOSPC else "")
+            ) from None
         except BaseException:
             _unlock(lock_fd)
             raise
