@@ -5,6 +5,7 @@
     tsae-cache ls
     tsae-cache info KEY
     tsae-cache verify KEY
+    tsae-cache repair KEY                             # recompute only the damaged chunks
     tsae-cache export KEY --format hdf5 out.h5
     tsae-cache rm KEY
 
@@ -218,9 +219,9 @@ def ls_(cache_dir) -> None:
 @click.option("--json", "as_json", is_flag=True, help="All attributes as JSON, vectors included.")
 def info(key, cache_dir, as_json) -> None:
     """Show a store's attributes (stat vectors abbreviated unless --json)."""
-    from pipeline.store import read_attrs, resolve
+    from pipeline.store import read_attrs, resolve_key
 
-    location = resolve(key, cache_dir)
+    location = resolve_key(key, cache_dir, "show")
     attrs = read_attrs(location)
     if attrs is None:
         raise UserError(f"no activation store at {location}")
@@ -236,9 +237,10 @@ def info(key, cache_dir, as_json) -> None:
 @click.option("--progress/--no-progress", default=False)
 def verify(key, cache_dir, progress) -> None:
     """Read every chunk: shapes, checksums, finite values, stats.  Exit 1 if anything is wrong."""
+    from pipeline.store import resolve_key
     from pipeline.verify import verify_store
 
-    r = verify_store(key, cache_dir, progress=progress)
+    r = verify_store(resolve_key(key, cache_dir, "verify"), progress=progress)
     for p in r.problems:
         click.echo(f"problem: {p}", err=True)
     if not r.ok:
@@ -261,6 +263,27 @@ def rm(key, cache_dir) -> None:
 
 @main.command()
 @click.argument("key")
+@click.option("--cache-dir", default=None)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+def repair(key, cache_dir, device) -> None:
+    """Recompute only the chunks `verify` finds damaged, from the store's own recipe, and restore it."""
+    from pipeline.repair import repair_store
+    from pipeline.store import resolve_key
+
+    r = repair_store(resolve_key(key, cache_dir, "repair"), cache_dir, device=device)
+    if not r.chunks and not r.stats_updated:
+        click.echo(f"nothing to repair: {r.key} verifies")
+        return
+    done = "; ".join(f"chunk {c}: {', '.join(names)}" for c, names in sorted(r.chunks.items()))
+    how = "bit for bit" if not r.changed else f"with new digests for {', '.join(r.changed)}"
+    click.echo(
+        f"repaired {r.key}: {done or 'statistics'}{'; stats recomputed' if r.stats_updated else ''}; "
+        f"restored {how} ({r.forward_tokens} tokens recomputed in {r.seconds:.1f} s); it verifies"
+    )
+
+
+@main.command()
+@click.argument("key")
 @click.argument("out")
 @click.option("--format", "fmt", type=click.Choice(["hdf5"]), default="hdf5", show_default=True)
 @click.option("--cache-dir", default=None)
@@ -269,8 +292,9 @@ def rm(key, cache_dir) -> None:
 def export(key, out, fmt, cache_dir, overwrite, progress) -> None:
     """Copy a complete store to OUT (HDF5: same arrays and attributes)."""
     from pipeline.export import export_hdf5
+    from pipeline.store import resolve_key
 
-    path = export_hdf5(key, out, cache_dir, overwrite=overwrite, progress=progress)
+    path = export_hdf5(resolve_key(key, cache_dir, "export"), out, overwrite=overwrite, progress=progress)
     click.echo(f"exported {key} to {path} ({_human(path.stat().st_size)})")
 
 

@@ -57,13 +57,11 @@ def _copy_arrays(store: ActivationStore, f, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="export", unit="chunk")
-    dsets = {}
-    for name in names:
-        src = store.group[name]
-        dsets[name] = f.create_dataset(name, shape=src.shape, dtype=src.dtype)
+    src = {name: store.array(name) for name in names}  # checked reads: a damaged chunk is refused
+    dsets = {name: f.create_dataset(name, shape=a.shape, dtype=a.dtype) for name, a in src.items()}
     for name, lo in steps:
         hi = min(lo + c, store.n_seq)
-        dsets[name][lo:hi] = np.asarray(store.group[name][lo:hi])
+        dsets[name][lo:hi] = np.asarray(src[name][lo:hi])
 
 
 def read_hdf5_attrs(path: str | Path) -> dict:

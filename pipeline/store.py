@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.errors import StoreError
+from pipeline.store_check import CheckedArray, ChunkChecks
 from pipeline.store_layout import (
     DOC_ID,
     DOC_OFFSET,
@@ -66,7 +67,7 @@ def read_attrs(location) -> dict | None:
 class ActivationStore:
     """A complete (by default) store opened read-only.  Arrays are zarr arrays, read lazily."""
 
-    def __init__(self, location, group, attrs: dict):
+    def __init__(self, location, group, attrs: dict, *, checked: bool = True):
         self.location, self.group, self.attrs = location, group, attrs
         self.key: str = attrs["key"]
         self.hooks: list[str] = list(attrs["hooks"])
@@ -74,9 +75,10 @@ class ActivationStore:
         self.d_model: int = int(attrs["d_model"])
         self.chunk_seqs: int = int(attrs["chunk_seqs"])
         self.complete = attrs.get("status") == STATUS_COMPLETE
-        self.tokens = group[TOKENS]
-        self.doc_id = group[DOC_ID]
-        self.doc_offset = group[DOC_OFFSET]
+        self._checks = self._chunk_checks() if checked else None
+        self.tokens = self.array(TOKENS)
+        self.doc_id = self.array(DOC_ID)
+        self.doc_offset = self.array(DOC_OFFSET)
         self.n_seq: int = int(attrs["n_seq"]) if self.complete else self.manifest().n_seq
 
     # ------------------------------------------------------------------------------------ opening
@@ -89,11 +91,14 @@ class ActivationStore:
         model=None,
         hook: str | None = None,
         require_complete: bool = True,
+        checked: bool = True,
     ) -> ActivationStore:
         """Open a store by key (under the cache home) or by path/URL.
 
         model: a spec string (``"smollm2-135m"``, a folder) or a `LoadedModel` (then its weights hash
             must match too); hook: a hook the caller needs.  Mismatches raise `StoreError`.
+        checked: reads check each chunk's sha256 against the manifest the first time they touch it
+            and refuse a damaged chunk with `StoreError` (`pipeline.store_check`); False reads raw.
         """
         import zarr
 
@@ -106,7 +111,9 @@ class ActivationStore:
                 f"store {attrs.get('key')} is incomplete (status {attrs.get('status')!r}); "
                 "rerun its `tsae-cache build` command to finish it"
             )
-        store = cls(location, zarr.open_group(zarr_store(location, read_only=True), mode="r"), attrs)
+        store = cls(
+            location, zarr.open_group(zarr_store(location, read_only=True), mode="r"), attrs, checked=checked
+        )
         store.check(model=model, hook=hook)
         return store
 
@@ -137,11 +144,33 @@ class ActivationStore:
             raise StoreError(f"store {self.key} has no manifest.json")
         return Manifest.from_bytes(raw)
 
+    def _chunk_checks(self) -> ChunkChecks:
+        """The manifest's digests, after checking that they cover every chunk the attributes claim."""
+        m = self.manifest()
+        if self.complete and (m.n_seq != int(self.attrs["n_seq"]) or m.chunk_seqs != self.chunk_seqs):
+            raise StoreError(
+                f"store {self.key}: manifest.json covers {m.n_seq} sequences, the attributes "
+                f"{self.attrs['n_seq']}; the store is damaged (run `tsae-cache verify {self.key}`)"
+            )
+        names = [acts_name(h) for h in self.hooks] + [TOKENS, DOC_ID, DOC_OFFSET]
+        if any(len(m.checksums.get(name, ())) != m.completed_chunks for name in names):
+            raise StoreError(f"store {self.key}: manifest.json lacks checksums; the store is damaged")
+        return ChunkChecks(self.key, m)
+
     # ------------------------------------------------------------------------------------ reading
+    def array(self, name: str):
+        """One array of the store (``acts/<hook>``, ``tokens``, ``doc_id``, ``doc_offset``): a
+        `CheckedArray` (reads verified chunk-wise against the manifest) unless opened unchecked."""
+        try:
+            raw = self.group[name]
+        except KeyError:
+            raise StoreError(f"store {self.key} has no array {name}; the store is damaged") from None
+        return raw if self._checks is None else CheckedArray(raw, name, self._checks)
+
     def activations(self, hook: str):
-        """The zarr array ``[n_seq, ctx, d]`` of one hook (stored dtype)."""
+        """The array ``[n_seq, ctx, d]`` of one hook (stored dtype), reads checked (see `array`)."""
         self.check(hook=hook)
-        return self.group[acts_name(hook)]
+        return self.array(acts_name(hook))
 
     @property
     def n_tokens(self) -> int:
@@ -248,18 +277,31 @@ def list_stores(cache_dir=None) -> list[dict]:
     return sorted(out, key=lambda s: s["key"])
 
 
-def remove(path_or_key, cache_dir=None) -> str | Path:
-    """Delete a store that lives directly under the cache home; refuses anything else."""
+def resolve_key(key, cache_dir=None, verb: str = "open") -> str | Path:
+    """The location of a store named on the command line: a key, or a path to a store directly
+    under the cache home.  Anything that would reach outside the cache home is refused with a
+    `StoreError`: ``..``, ``../x``, ``a/b``, absolute paths elsewhere, a symlink pointing out, NUL."""
     home = paths.cache_home(cache_dir)
-    location = resolve(path_or_key, cache_dir)
+    text = str(key)
+    refused = StoreError(
+        f"refusing to {verb} {text[:200]!r}: it is not a store directly under the cache dir {home}"
+    )
+    if not text.strip() or "\x00" in text or text.rstrip("/\\").rpartition("/")[2] in ("", ".", ".."):
+        raise refused
+    plain = not any(sep in text for sep in "/\\")
+    location = join(home, text) if plain else normalise(text)
     if isinstance(location, Path):
         inside = location.resolve().parent == Path(home).resolve()
     else:
-        inside = str(location).rstrip("/").rsplit("/", 1)[0] == home.rstrip("/")
+        inside = str(location).rstrip("/").rpartition("/")[0] == home.rstrip("/")
     if not inside:
-        raise StoreError(
-            f"refusing to remove {location}: it is not a store directly under the cache dir {home}"
-        )
+        raise refused
+    return location
+
+
+def remove(path_or_key, cache_dir=None) -> str | Path:
+    """Delete a store that lives directly under the cache home; refuses anything else."""
+    location = resolve_key(path_or_key, cache_dir, "remove")
     attrs = read_attrs(location)
     if attrs is None:
         raise StoreError(f"no activation store at {location}")

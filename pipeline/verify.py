@@ -39,10 +39,21 @@ class VerifyReport:
     bytes_read: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    damaged: dict[int, set[str]] = field(default_factory=dict)  # chunk -> names of its damaged arrays
+    structural: list[str] = field(default_factory=list)  # problems no chunk rewrite can fix
+    sums: dict[str, StatSums] = field(default_factory=dict)  # hook -> stat sums recomputed from the data
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def _chunk(self, c: int, name: str, problem: str) -> None:
+        self.problems.append(problem)
+        self.damaged.setdefault(c, set()).add(name)
+
+    def _structural(self, problem: str) -> None:
+        self.problems.append(problem)
+        self.structural.append(problem)
 
 
 def verify_store(path_or_key, cache_dir=None, *, progress: bool = False) -> VerifyReport:
@@ -59,7 +70,7 @@ def verify_store(path_or_key, cache_dir=None, *, progress: bool = False) -> Veri
     store = zarr_store(location, read_only=True)
     raw = read_key(store, MANIFEST_KEY)
     if raw is None:
-        rep.problems.append("manifest.json is missing: no chunk can be checked")
+        rep._structural("manifest.json is missing: no chunk can be checked")
         return rep
     m = Manifest.from_bytes(raw)
     group = zarr.open_group(store, mode="r")
@@ -72,7 +83,7 @@ def verify_store(path_or_key, cache_dir=None, *, progress: bool = False) -> Veri
             f"done); the completed chunks are checked below"
         )
     elif m.n_seq != n_seq or m.completed_chunks != -(-n_seq // m.chunk_seqs):
-        rep.problems.append(
+        rep._structural(
             f"manifest covers {m.n_seq} sequences in {m.completed_chunks} chunks, "
             f"attributes say n_seq={n_seq}"
         )
@@ -86,17 +97,17 @@ def verify_store(path_or_key, cache_dir=None, *, progress: bool = False) -> Veri
         try:
             arr = group[name]
         except KeyError:
-            rep.problems.append(f"array {name} is missing")
+            rep._structural(f"array {name} is missing")
             continue
         row, dtype = expected[name]
         if tuple(arr.shape[1:]) != row or str(arr.dtype) != dtype or (complete and arr.shape[0] != n_seq):
-            rep.problems.append(
+            rep._structural(
                 f"array {name} has shape {arr.shape} {arr.dtype}, expected "
                 f"({n_seq}, {', '.join(map(str, row))}) {dtype}"
             )
             continue
         if len(m.checksums.get(name, [])) != m.completed_chunks:
-            rep.problems.append(
+            rep._structural(
                 f"manifest has {len(m.checksums.get(name, []))} checksums for {name}, "
                 f"expected {m.completed_chunks}"
             )
@@ -117,23 +128,23 @@ def verify_store(path_or_key, cache_dir=None, *, progress: bool = False) -> Veri
             try:
                 data = np.asarray(arr[lo:hi])
             except Exception as e:  # truncated or garbled chunk file: zarr's decoders raise various types
-                rep.problems.append(f"{where} of {name}: unreadable ({type(e).__name__}: {_first_line(e)})")
+                rep._chunk(c, name, f"{where} of {name}: unreadable ({type(e).__name__}: {_first_line(e)})")
                 continue
             rep.bytes_read += data.nbytes
             if checksum(data) != m.checksums[name][c]:
                 key = f"{arr.path}/{arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
                 gone = not sync(store.exists(key))
-                rep.problems.append(
-                    f"{where} of {name}: {'chunk file missing' if gone else 'checksum mismatch'} ({key})"
-                )
+                what = "chunk file missing" if gone else "checksum mismatch"
+                rep._chunk(c, name, f"{where} of {name}: {what} ({key})")
             if name.startswith("acts/"):
                 if not np.isfinite(data).all():
-                    rep.problems.append(f"{where} of {name}: holds NaN or Inf")
+                    rep._chunk(c, name, f"{where} of {name}: holds NaN or Inf")
                 else:
                     hook = name[len("acts/") :]
                     sums[hook] = sums[hook] + StatSums.of(data)
             elif name == TOKENS and vocab and (data.min() < 0 or data.max() >= vocab):
-                rep.problems.append(f"{where} of tokens: ids outside [0, {vocab})")
+                rep._chunk(c, name, f"{where} of tokens: ids outside [0, {vocab})")
+    rep.sums = sums
     if not rep.problems:
         stored = {h: s.stats() for h, s in m.sums.items()} if not complete else attrs.get("stats", {})
         for h in hooks:
