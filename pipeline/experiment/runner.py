@@ -10,6 +10,7 @@ analyses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -46,7 +47,7 @@ def run_experiment(out_dir: str | Path, *, smoke: bool = False, plan: Experiment
                    cache_dir: str | None = None) -> ExperimentResult:
     import torch
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     plan = plan or load_plan(out.name, smoke=smoke)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -109,17 +110,39 @@ def ensure_cache(plan: ExperimentPlan, scale: int, cache_dir: str | None, log) -
 
 
 def evaluate(plan: ExperimentPlan, store_key: str, trained: list, out: Path, model, cache_dir, log) -> None:
-    from pipeline.eval_runner import EvalConfig, run_eval
+    """Evaluate every SAE, unless out/eval already holds the results of this exact evaluation."""
+    from pipeline.eval_runner import run_eval
 
-    e = dict(plan.eval)
-    cfg = EvalConfig(saes=[str(s.folder) for s in trained], store=store_key, out_dir=str(out / "eval"),
-                     model=plan.model, hook=plan.hook, val_fraction=plan.val_fraction,
-                     probe_tasks=tuple(e.pop("probe_tasks", ())),
-                     faithfulness_sizes=tuple(e.pop("faithfulness_sizes", (1, 2, 5, 10, 20, 50, 100))),
-                     dtype=plan.compute_dtype, cache_dir=cache_dir, **e)
-    log.info(f"evaluating {len(trained)} SAE(s) on held-out sequences")
-    run_eval(cfg, model=model)
+    cfg = eval_config(plan, store_key, trained, out, cache_dir)
+    key = eval_key(cfg, trained)
+    done = out / "eval" / "eval_key.txt"
+    if done.is_file() and done.read_text() == key and all(
+            (out / "eval" / s.folder.name / "metrics.json").is_file() for s in trained):
+        log.info("reuse evaluation: out_dir/eval holds this exact evaluation of these exact SAEs")
+    else:
+        log.info(f"evaluating {len(trained)} SAE(s) on held-out sequences")
+        done.unlink(missing_ok=True)
+        run_eval(cfg, model=model)
+        done.write_text(key)
     for s in trained:  # each SAE folder carries its own metrics.json
         src = out / "eval" / s.folder.name / "metrics.json"
         if src.is_file():
             (s.folder / "metrics.json").write_text(src.read_text())
+
+
+def eval_config(plan: ExperimentPlan, store_key: str, trained: list, out: Path, cache_dir):
+    from pipeline.eval_runner import EvalConfig
+
+    e = dict(plan.eval)
+    return EvalConfig(saes=[str(s.folder) for s in trained], store=store_key, out_dir=str(out / "eval"),
+                      model=plan.model, hook=plan.hook, val_fraction=plan.val_fraction,
+                      probe_tasks=tuple(e.pop("probe_tasks", ())),
+                      faithfulness_sizes=tuple(e.pop("faithfulness_sizes", (1, 2, 5, 10, 20, 50, 100))),
+                      dtype=plan.compute_dtype, cache_dir=cache_dir, **e)
+
+
+def eval_key(cfg, trained: list) -> str:
+    """Identity of an evaluation: its configuration and the content keys of the SAEs evaluated."""
+    doc = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("saes", "out_dir", "log")},
+           "saes": {s.folder.name: s.key for s in trained}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
