@@ -109,6 +109,7 @@ class StoreWriter:
         self._capacity = next(iter(self._arrays.values())).shape[0]
         self._dirty = False
         self._last_flush, self._flush_cost = time.perf_counter(), 0.0
+        self.durable_chunks = manifest.completed_chunks  # chunks named by the manifest on disk
 
     # ---------------------------------------------------------------------------- open / create
     @classmethod
@@ -208,6 +209,7 @@ class StoreWriter:
             raise _io_error(e, "writing manifest.json", self) from None
         self._last_flush = time.perf_counter()
         self._flush_cost, self._dirty = self._last_flush - now, False
+        self.durable_chunks = self.manifest.completed_chunks
 
     def finish(self, extra_attrs: dict) -> dict:
         """Trim to the sequences written, record stats, set status complete; returns the final attrs."""
@@ -290,9 +292,15 @@ def _create_arrays(group, layout: Layout, capacity_seqs: int) -> None:
 
 
 def _io_error(e: OSError, what: str, writer: StoreWriter) -> StoreError:
-    kept = (
-        f"the {writer.manifest.completed_chunks} completed chunks are kept; rerun the same command to resume"
-    )
+    """A one-line error that counts the chunks the manifest on disk names (what a resume keeps):
+    the manifest is replaced first if it can be, which on a full disk it often cannot."""
+    if writer._dirty:
+        try:
+            write_key(writer._store, MANIFEST_KEY, writer.manifest.to_bytes())
+            writer.durable_chunks, writer._dirty = writer.manifest.completed_chunks, False
+        except OSError:
+            pass
+    kept = f"the {writer.durable_chunks} completed chunks are kept; rerun the same command to resume"
     if e.errno == errno.ENOSPC:
         return StoreError(f"disk full while {what} in {writer.location}: {kept} after freeing space")
     return StoreError(f"cannot write {writer.location} ({what}): {e.strerror or e}; {kept}")
