@@ -67,7 +67,7 @@ def transitions(codes: dict[str, np.ndarray], words: list[list[str]], fig_dir: P
         stats = mine_transitions(active, lags=tuple(cfg.get("transition_lags", (1, 2, 3, 4))),
                                  top_n=int(cfg.get("transition_top_n", 256)),
                                  events=events)
-        top = stats.top(n=200)
+        top = stats.top(n=len(stats.features) ** 2 * len(stats.lags))  # every significant A != B pair
         listed = []
         for tr in top[:10]:
             d = tr.as_dict()
