@@ -127,16 +127,35 @@ class LoadedModel:
     # -- running ----------------------------------------------------------------------------------
     def run_to_hooks(self, tokens, hooks: list[str]) -> dict:
         """Activations `{hook: Tensor[B, T, d]}` for `tokens` (LongTensor [B, T]), without gradients,
-        running only the blocks up to the deepest requested hook."""
+        running only the blocks up to the deepest requested hook.
+
+        The run ends with block L, the deepest block holding a requested hook: `stop_at_layer=L+1`
+        returns block L+1's input, which is block L's output (`blocks.L.hook_resid_post`, then taken
+        from the return value rather than captured); after the last block a hook on its output
+        raises the bridge's stop signal, so ln_final and the unembedding (d_model x d_vocab per
+        token) never run.  Every other requested hook is captured on the way.
+        """
         import torch
 
         hooks = self.resolve_hooks(hooks=hooks)
         deepest = max(self.layer_of(h) for h in hooks)
-        stop_at = deepest + 1 if deepest < self.n_layers else None
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if not 0 <= deepest < self.n_layers:  # embedding hooks only, or final ones (ln_final, unembed)
+            stop_at = 0 if deepest < 0 else None
+            with torch.inference_mode():
+                _, cache = self.bridge.run_with_cache(tokens, names_filter=list(hooks), stop_at_layer=stop_at)
+            return {h: cache[h] for h in hooks}
+        resid = f"blocks.{deepest}.hook_resid_post"
+        got: dict = {}
+        fwd_hooks = [(h, _capture(got, h)) for h in hooks if h != resid]
+        stop_at = deepest + 1 if deepest < self.n_layers - 1 else None
+        if stop_at is None:
+            fwd_hooks.append((resid, _stop_here))
         with torch.inference_mode():
-            _, cache = self.bridge.run_with_cache(tokens, names_filter=list(hooks), stop_at_layer=stop_at)
-        return {h: cache[h] for h in hooks}
+            out = self.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
+        if resid in hooks:
+            got[resid] = out
+        return {h: got[h] for h in hooks}
 
     def forward_logits(self, tokens):
         """Logits [B, T, d_vocab] without gradients."""
@@ -153,6 +172,22 @@ class LoadedModel:
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             return self.bridge(tokens, return_type="loss")
+
+
+def _capture(into: dict, name: str):
+    """A forward hook that keeps its activation under `name` (as run_with_cache does: no copy)."""
+
+    def hook(tensor, hook):
+        into[name] = (tensor[0] if isinstance(tensor, tuple) else tensor).detach()
+
+    return hook
+
+
+def _stop_here(tensor, hook):
+    """A forward hook that ends the bridge's forward here; the forward returns `tensor`."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    raise StopAtLayerException(tensor[0] if isinstance(tensor, tuple) else tensor)
 
 
 def load_model(

@@ -59,7 +59,7 @@ def test_run_to_hooks_matches_full_run_with_cache(tiny_model):
 
 def test_run_to_hooks_stops_after_the_deepest_hook(tiny_model):
     calls = []
-    handle = tiny_model.bridge.blocks[1].register_forward_hook(lambda *args: calls.append(1))
+    handle = tiny_model.bridge.blocks[1].attn.register_forward_hook(lambda *args: calls.append(1))
     try:
         tiny_model.run_to_hooks(_tokens(tiny_model), [tiny_model.hook_name(0)])
         assert calls == []  # block 1 never ran
@@ -67,6 +67,32 @@ def test_run_to_hooks_stops_after_the_deepest_hook(tiny_model):
         assert calls == [1]
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize(
+    "hooks",
+    [
+        ["blocks.0.hook_resid_post"],  # stop_at_layer=1: the forward's return value
+        ["blocks.1.hook_resid_post"],  # the last block: stopped by a hook before ln_final/unembed
+        ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],  # captured on the way, then stopped
+        ["hook_embed", "blocks.0.hook_resid_post"],
+        ["blocks.1.hook_mlp_out"],  # captured, then stopped after its block
+        ["blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"],  # inside block 0: stop_at_layer=1
+    ],
+)
+def test_run_to_hooks_equals_run_with_cache_without_unembedding(tiny_model, hooks):
+    tokens = _tokens(tiny_model, length=16, seed=1)
+    _, cache = tiny_model.bridge.run_with_cache(tokens)
+    unembeds = []
+    handle = tiny_model.bridge.unembed.register_forward_hook(lambda *args: unembeds.append(1))
+    try:
+        got = tiny_model.run_to_hooks(tokens, hooks)
+    finally:
+        handle.remove()
+    assert list(got) == tiny_model.resolve_hooks(hooks=hooks)
+    for hook in hooks:
+        torch.testing.assert_close(got[hook], cache[hook], rtol=0, atol=0)
+    assert unembeds == []
 
 
 def test_layer_and_hook_errors(tiny_model):
