@@ -203,6 +203,10 @@ def build_cache(cfg: CacheConfig, *, model=None) -> BuildResult:
     attrs = read_attrs(p.location)
     if attrs is not None and attrs.get("status") == STATUS_COMPLETE:
         return _hit(p, attrs, t0)
+    if attrs is not None and "distributed" in attrs:  # started by workers: finish it as a job of one
+        from pipeline.distributed_cache import build_distributed
+
+        return build_distributed(cfg, model=model, shard=(0, 1))
     check_writable(paths.cache_home(cfg.cache_dir))
     model = model if model is not None else _load(cfg)
     _check_model(cfg, model, p.hooks)

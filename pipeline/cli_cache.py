@@ -2,6 +2,7 @@
 
     tsae-cache build                                  # SmolLM2-135M layer 15, Shakespeare train, 200k tokens
     tsae-cache build --model tiny --layers 0,1 --ctx 64 --max-tokens 20k
+    tsae-cache build --workers 2 ...                  # two workers fill one store (docs/distributed.md)
     tsae-cache ls
     tsae-cache info KEY
     tsae-cache verify KEY
@@ -28,6 +29,7 @@ class _Group(click.Group):
     """Turns UserError, click usage errors and Ctrl-C into one `error:` line and an exit status."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        extra.setdefault("obj", {"argv": list(sys.argv[1:] if args is None else args)})  # for --workers
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
@@ -147,9 +149,18 @@ def _parse_layers(text: str | None) -> tuple[int, ...] | None:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Start this many local workers under torchrun, one model replica each (docs/distributed.md).",
+)
+@click.option("--shard", default=None, metavar="R/W", help="Compute worker R's share of W alone (a rerun).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
-def build(as_json: bool, layers, max_tokens, **opts) -> None:
+def build(as_json: bool, layers, max_tokens, workers, shard, **opts) -> None:
     """Build (or resume, or find) the store for these settings.  A repeat is a cache hit: no model work."""
+    from pipeline import distributed_cache as dist
     from pipeline.cache_runner import CacheConfig, build_cache
 
     warnings.showwarning = _warn_one_line
@@ -159,7 +170,28 @@ def build(as_json: bool, layers, max_tokens, **opts) -> None:
         hooks=tuple(opts.pop("hooks")),
         **opts,
     )
-    r = build_cache(cfg)
+    shard = dist.parse_shard(shard)
+    if workers > 1 and shard:
+        raise UserError("--workers starts a whole job; --shard runs one share alone: choose one")
+    if workers > 1 and not dist.under_launcher() and not dist.already_built(cfg):
+        sys.exit(dist.launch(workers, click.get_current_context().obj["argv"]))
+    try:
+        r = dist.build_distributed(cfg, shard=shard) if shard or dist.under_launcher() else build_cache(cfg)
+    except dist.PeerFailed:
+        sys.exit(1)  # rank 0 reports why
+    if getattr(r, "rank", 0) and not shard:
+        return  # one line per job: rank 0 reports
+    if not getattr(r, "complete", True):
+        todo = (
+            f"chunks {_ranges(r.missing_chunks)} are still missing: run their shares, then"
+            if r.missing_chunks
+            else "every chunk is recorded:"
+        )
+        click.echo(
+            f"share {r.rank}/{r.world_size} of {r.key} done ({r.computed_tokens} tokens computed); "
+            f"{todo} run this build without --shard to finish the store"
+        )
+        return
     if as_json:
         click.echo(
             json.dumps(
@@ -296,6 +328,18 @@ def export(key, out, fmt, cache_dir, overwrite, progress) -> None:
 
     path = export_hdf5(resolve_key(key, cache_dir, "export"), out, overwrite=overwrite, progress=progress)
     click.echo(f"exported {key} to {path} ({_human(path.stat().st_size)})")
+
+
+def _ranges(ints: list[int]) -> str:
+    """[0, 2, 4, 5, 6] -> '0, 2, 4-6'."""
+    out, i = [], 0
+    while i < len(ints):
+        j = i
+        while j + 1 < len(ints) and ints[j + 1] == ints[j] + 1:
+            j += 1
+        out.append(str(ints[i]) if i == j else f"{ints[i]}-{ints[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def _abbreviate(obj):
