@@ -433,7 +433,7 @@ def _run_share(cfg, model, p, comm: Comm, writer: StoreWriter | None) -> dict:
         bar = _progress(cfg, p.key, rank, world)
         bg = BackgroundWriter(share)
         n_chunks = n_seq = 0
-        t_share = time.perf_counter()
+        t_share, cpu_share = time.perf_counter(), time.process_time()
         try:
             for index, tokens, doc_id, doc_offset in runner._prefetch(
                 runner._chunk_stream(seqs, chunk_seqs, cfg.ctx)
@@ -462,6 +462,7 @@ def _run_share(cfg, model, p, comm: Comm, writer: StoreWriter | None) -> dict:
             sequences=counters.as_dict(),
             writer_busy_seconds=bg.busy_s,
             share_seconds=time.perf_counter() - t_share,
+            share_cpu_seconds=time.process_time() - cpu_share,  # every thread of this worker
         )
     except UserError as e:
         outcome["error"] = f"worker {rank}/{world}: {e}"
@@ -492,6 +493,7 @@ def _finish(writer: StoreWriter, outcomes: list[dict], t0: float) -> dict:
             "model_seconds": round(sum(o["model_seconds"] for o in outcomes), 3),
             "writer_busy_seconds": round(sum(o["writer_busy_seconds"] for o in outcomes), 3),
             "share_seconds": [round(o["share_seconds"], 3) for o in outcomes],  # per rank, this run
+            "share_cpu_seconds": [round(o["share_cpu_seconds"], 3) for o in outcomes],
         }
     )
     _remove_records(store)  # after status complete: a leftover record is harmless
