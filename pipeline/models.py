@@ -229,12 +229,11 @@ def _load_tiny(spec: str, models_dir: Path, dtype: str, device: str) -> LoadedMo
     from transformer_lens.config import TransformerBridgeConfig
 
     overrides = parse_tiny_overrides(spec)
-    settings = _tiny_settings(overrides)
     tokenizer = embedded.load_tokenizer(models_dir)
-    config = TransformerBridgeConfig(d_vocab=len(tokenizer), **settings)
-    try:
+    try:  # values of the wrong type or size ("tiny:d_model=", "tiny:n_heads=0") fail in here
+        config = TransformerBridgeConfig(d_vocab=len(tokenizer), **_tiny_settings(overrides))
         bridge = TransformerBridge.boot_native(config, tokenizer=tokenizer, device="cpu", dtype=torch.float32)
-    except (ValueError, TypeError, AssertionError) as err:
+    except (ValueError, TypeError, AssertionError, ArithmeticError, RuntimeError) as err:
         raise ModelError(f"cannot build {spec!r}: {_one_line(err)}") from None
     weights_hash = state_dict_sha256(bridge.state_dict())
     if (device, dtype) != ("cpu", "float32"):
