@@ -430,6 +430,10 @@ def _tiny_settings(overrides: dict[str, Any]) -> dict[str, Any]:
         bad = ", ".join(unknown or ["d_vocab (fixed by the tokenizer)"])
         raise ModelError(f"unknown tiny setting {bad}; e.g. tiny:n_layers=3,d_model=32,seed=1")
     settings = {**TINY_DEFAULTS, **overrides}
+    for k in ("d_model", "d_head", "n_heads", "n_layers", "n_ctx", "d_mlp"):
+        v = settings[k]
+        if k in overrides and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ModelError(f"tiny setting {k} must be a positive integer, got {v!r}")
     # Keep the model consistent when only some sizes are overridden.
     if "d_head" not in overrides:
         settings["d_head"] = max(1, settings["d_model"] // settings["n_heads"])
