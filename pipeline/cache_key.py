@@ -101,13 +101,16 @@ def cheap_n_layers(spec: str) -> int | None:
     if low in EMBEDDED_N_LAYERS:
         return EMBEDDED_N_LAYERS[low]
     if low == "tiny" or low.startswith("tiny:"):
-        return int({**models.TINY_DEFAULTS, **models.parse_tiny_overrides(str(spec))}["n_layers"])
+        n = {**models.TINY_DEFAULTS, **models.parse_tiny_overrides(str(spec))}["n_layers"]
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None  # bad: the loader says
     config = Path(str(spec)).expanduser() / "config.json"
-    if config.is_file():
-        cfg = json.loads(config.read_text())
-        for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
-            if isinstance(cfg.get(k), int):
-                return cfg[k]
+    try:
+        cfg = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError):  # unreadable: loading the folder reports it in one line
+        return None
+    for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        if isinstance(cfg, dict) and isinstance(cfg.get(k), int):
+            return cfg[k]
     return None
 
 
