@@ -122,7 +122,7 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[Section | M
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = [_as_section(s) for s in sections]
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">{html.escape(subtitle)}{" · " if subtitle else ""}generated {stamp}</p>',
              "<nav><ol>" + "".join(f'<li><a href="#s{i}">{html.escape(s.heading)}</a></li>'
