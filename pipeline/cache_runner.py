@@ -42,6 +42,8 @@ from pipeline.store_writer import BackgroundWriter, Chunk, Layout, StoreComplete
 DEFAULT_MAX_TOKENS = 200_000  # the default build: a few minutes for SmolLM2 to layer 15 on 2 CPU cores
 STORE_DTYPES = ("float16", "float32")  # zarr has no bfloat16; it is never stored
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+MAX_CHUNK_BYTES = 4 * 2**30  # one hook's chunk; the default (64 x 128 x 576 x fp16) is 9.4 MB
+PREALLOC_CHUNKS = 1024  # at most this many chunks are preallocated from max_tokens
 
 
 class BuildInterrupted(UserError):
@@ -235,6 +237,13 @@ def _check_model(cfg: CacheConfig, model, hooks: list[str]) -> None:
     model.resolve_hooks(hooks=hooks)  # raises ModelError for a layer out of range or an unknown hook
     if cfg.ctx > model.n_ctx:
         raise ModelError(f"ctx {cfg.ctx} exceeds {model.name}'s context length n_ctx={model.n_ctx}")
+    chunk_bytes = cfg.chunk_seqs * cfg.ctx * model.d_model * np.dtype(cfg.store_dtype).itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:  # a chunk is held in memory (several, queued) while written
+        raise UserError(
+            f"--chunk-seqs {cfg.chunk_seqs} makes chunks of {chunk_bytes / 2**30:.1f} GiB per hook "
+            f"(limit {MAX_CHUNK_BYTES // 2**30} GiB); use at most "
+            f"{MAX_CHUNK_BYTES // (cfg.ctx * model.d_model * np.dtype(cfg.store_dtype).itemsize)}"
+        )
 
 
 def check_writable(home) -> None:
@@ -318,7 +327,17 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
         if first is None:
             raise SourceError(f"{cfg.dataset} ({cfg.split}) yields no sequence of ctx={cfg.ctx} tokens")
         _probe_shapes(model, first[1][:1, :2], p.hooks)  # two positions: cheap, shows the layout
-    capacity = -(-cfg.max_tokens // cfg.ctx) if cfg.max_tokens else 16 * cfg.chunk_seqs
+        n = len(first[1])
+        if n < layout.chunk_seqs and (inner is None or n % inner == 0):
+            layout.chunk_seqs = n  # the whole corpus fits in one chunk: no larger than its data
+    # preallocate from max_tokens, but at most PREALLOC_CHUNKS chunks (the writer doubles beyond):
+    # finish() trims to n_seq, and zarr enumerates every chunk it trims away, so preallocating
+    # --max-tokens 1e9 over a small corpus cost minutes and GBs of memory at the end
+    capacity = (
+        min(-(-cfg.max_tokens // cfg.ctx), PREALLOC_CHUNKS * layout.chunk_seqs)
+        if cfg.max_tokens
+        else 16 * cfg.chunk_seqs
+    )
     try:
         writer = StoreWriter.open(
             p.location,

@@ -227,13 +227,14 @@ def ls_(cache_dir) -> None:
     rows = [("KEY", "MODEL", "HOOKS", "N_SEQ", "STATUS", "SIZE")]
     for s in list_stores(cache_dir):
         a = s["attrs"]
+        model = a["model"]["name"] if a else "?"
         rows.append(
             (
                 s["key"],
-                a["model"]["name"],
-                ",".join(a["hooks"]),
+                model,
+                ",".join(a.get("hooks", ["?"])),
                 str(s["n_seq"]),
-                a.get("status", "?"),
+                s["status"],
                 _human(s["bytes"]),
             )
         )

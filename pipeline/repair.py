@@ -39,6 +39,7 @@ from pipeline.store_layout import (
     Manifest,
     acts_name,
     checksum,
+    open_group,
     read_key,
     write_key,
     zarr_store,
@@ -77,7 +78,6 @@ def repair_store(path_or_key, cache_dir=None, *, model=None, device: str = "auto
 
 
 def _repair(location, cache_dir, model, device: str) -> RepairReport:
-    import zarr
 
     before = verify_store(location)
     attrs = read_attrs(location)
@@ -88,7 +88,7 @@ def _repair(location, cache_dir, model, device: str) -> RepairReport:
             "and build it again"
         )
     store = zarr_store(location, read_only=False)
-    group = zarr.open_group(store, mode="r+")
+    group = open_group(store, "r+")
     manifest = Manifest.from_bytes(read_key(store, MANIFEST_KEY))
     if before.damaged:
         model = model if model is not None else _load(attrs, cache_dir, device)

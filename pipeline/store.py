@@ -24,13 +24,18 @@ from pipeline.store_layout import (
     DOC_ID,
     DOC_OFFSET,
     FORMAT_TAG,
+    LOCK_FILE,
     MANIFEST_KEY,
     STATUS_COMPLETE,
     TOKENS,
     Manifest,
     acts_name,
+    array_specs,
+    attrs_problem,
     join,
+    manifest_problem,
     normalise,
+    open_group,
     read_key,
     zarr_store,
 )
@@ -46,7 +51,9 @@ def resolve(path_or_key: str | Path, cache_dir=None) -> str | Path:
 
 
 def read_attrs(location) -> dict | None:
-    """The root attributes of the store at ``location`` (parsed zarr.json, no zarr import); None if absent."""
+    """The root attributes of the store at ``location`` (parsed zarr.json, no zarr import); None if
+    there is no store there.  Attributes that a reader, verify, resume or repair cannot use (a
+    damaged zarr.json) raise `StoreError`."""
     location = normalise(location)
     try:
         if isinstance(location, Path):
@@ -58,10 +65,19 @@ def read_attrs(location) -> dict | None:
     if raw is None:
         return None
     try:
-        attrs = json.loads(raw).get("attributes", {})
-    except ValueError:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
         return None
-    return attrs if attrs.get("format") == FORMAT_TAG else None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_TAG:
+        return None
+    problem = attrs_problem(attrs)
+    if problem:
+        raise StoreError(
+            f"store at {location} is damaged: its attributes are unusable ({problem}); "
+            "remove it (`tsae-cache rm`) and build it again"
+        )
+    return attrs
 
 
 class ActivationStore:
@@ -76,10 +92,10 @@ class ActivationStore:
         self.chunk_seqs: int = int(attrs["chunk_seqs"])
         self.complete = attrs.get("status") == STATUS_COMPLETE
         self._checks = self._chunk_checks() if checked else None
+        self.n_seq: int = int(attrs["n_seq"]) if self.complete else self.manifest().n_seq
         self.tokens = self.array(TOKENS)
         self.doc_id = self.array(DOC_ID)
         self.doc_offset = self.array(DOC_OFFSET)
-        self.n_seq: int = int(attrs["n_seq"]) if self.complete else self.manifest().n_seq
 
     # ------------------------------------------------------------------------------------ opening
     @classmethod
@@ -100,7 +116,6 @@ class ActivationStore:
         checked: reads check each chunk's sha256 against the manifest the first time they touch it
             and refuse a damaged chunk with `StoreError` (`pipeline.store_check`); False reads raw.
         """
-        import zarr
 
         location = resolve(path_or_key, cache_dir)
         attrs = read_attrs(location)
@@ -111,9 +126,7 @@ class ActivationStore:
                 f"store {attrs.get('key')} is incomplete (status {attrs.get('status')!r}); "
                 "rerun its `tsae-cache build` command to finish it"
             )
-        store = cls(
-            location, zarr.open_group(zarr_store(location, read_only=True), mode="r"), attrs, checked=checked
-        )
+        store = cls(location, open_group(zarr_store(location, read_only=True), "r"), attrs, checked=checked)
         store.check(model=model, hook=hook)
         return store
 
@@ -147,7 +160,10 @@ class ActivationStore:
     def _chunk_checks(self) -> ChunkChecks:
         """The manifest's digests, after checking that they cover every chunk the attributes claim."""
         m = self.manifest()
-        if self.complete and (m.n_seq != int(self.attrs["n_seq"]) or m.chunk_seqs != self.chunk_seqs):
+        problem = manifest_problem(m, self.hooks, self.d_model, self.chunk_seqs)
+        if problem:
+            raise StoreError(f"store {self.key}: manifest.json does not fit the store ({problem}); damaged")
+        if self.complete and m.n_seq != int(self.attrs["n_seq"]):
             raise StoreError(
                 f"store {self.key}: manifest.json covers {m.n_seq} sequences, the attributes "
                 f"{self.attrs['n_seq']}; the store is damaged (run `tsae-cache verify {self.key}`)"
@@ -165,6 +181,14 @@ class ActivationStore:
             raw = self.group[name]
         except KeyError:
             raise StoreError(f"store {self.key} has no array {name}; the store is damaged") from None
+        except Exception as e:  # a damaged zarr.json of the array: zarr raises various types
+            raise StoreError(f"store {self.key}: array {name} is unreadable ({type(e).__name__})") from None
+        row, dtype = array_specs(self.hooks, self.ctx, self.d_model, self.attrs["store_dtype"])[name]
+        if tuple(raw.shape[1:]) != row or raw.shape[0] < self.n_seq or str(raw.dtype) != dtype:
+            raise StoreError(
+                f"store {self.key}: array {name} is {raw.shape} {raw.dtype}, not ({self.n_seq}, "
+                f"{', '.join(map(str, row))}) {dtype}; the store is damaged"
+            )
         return raw if self._checks is None else CheckedArray(raw, name, self._checks)
 
     def activations(self, hook: str):
@@ -254,27 +278,43 @@ class ActivationStore:
 
 # ------------------------------------------------------------------------------ the cache directory
 def list_stores(cache_dir=None) -> list[dict]:
-    """Every store directly under the cache home: ``{"key", "location", "attrs", "n_seq", "bytes"}``."""
+    """Every store directly under the cache home: ``{"key", "location", "attrs", "status", "n_seq",
+    "bytes"}``; a damaged one is listed with status ``damaged`` and empty attrs."""
     home = paths.cache_home(cache_dir)
     out = []
     for location in _children(home):
-        attrs = read_attrs(location)
-        if attrs is None:
-            continue
-        n_seq = attrs.get("n_seq")
-        if attrs.get("status") != STATUS_COMPLETE:
-            raw = read_key(zarr_store(location, read_only=True), MANIFEST_KEY)
-            n_seq = Manifest.from_bytes(raw).n_seq if raw else 0
+        try:
+            attrs = read_attrs(location)
+            if attrs is None:
+                if not looks_like_store(location):
+                    continue
+                raise StoreError("zarr.json is unreadable")
+            n_seq = attrs.get("n_seq")
+            if attrs["status"] != STATUS_COMPLETE:
+                raw = read_key(zarr_store(location, read_only=True), MANIFEST_KEY)
+                n_seq = Manifest.from_bytes(raw).n_seq if raw else 0
+            key, status = attrs["key"], attrs["status"]
+        except StoreError:
+            attrs, n_seq, status = {}, None, "damaged"
+            key = str(location).rstrip("/").rpartition("/")[2]
         out.append(
             {
-                "key": attrs["key"],
+                "key": key,
                 "location": location,
                 "attrs": attrs,
+                "status": status,
                 "n_seq": n_seq,
                 "bytes": _size(location),
             }
         )
     return sorted(out, key=lambda s: s["key"])
+
+
+def looks_like_store(location) -> bool:
+    """True if ``location`` holds a store's own files (a manifest or a build lock), readable or not."""
+    if isinstance(location, Path):
+        return (location / MANIFEST_KEY).is_file() or (location / LOCK_FILE).is_file()
+    return read_key(zarr_store(location, read_only=True), MANIFEST_KEY) is not None
 
 
 def resolve_key(key, cache_dir=None, verb: str = "open") -> str | Path:
@@ -302,8 +342,11 @@ def resolve_key(key, cache_dir=None, verb: str = "open") -> str | Path:
 def remove(path_or_key, cache_dir=None) -> str | Path:
     """Delete a store that lives directly under the cache home; refuses anything else."""
     location = resolve_key(path_or_key, cache_dir, "remove")
-    attrs = read_attrs(location)
-    if attrs is None:
+    try:
+        found = read_attrs(location) is not None or looks_like_store(location)
+    except StoreError:  # a damaged store can be removed
+        found = True
+    if not found:
         raise StoreError(f"no activation store at {location}")
     if isinstance(location, Path):
         import shutil

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import StoreError
+
 FORMAT_VERSION = 1
 FORMAT_TAG = "tsae-activation-store"  # root attribute "format" holds this; how `ls` recognises a store
 MANIFEST_KEY = "manifest.json"
@@ -40,6 +42,13 @@ def acts_name(hook: str) -> str:
 
 def array_names(hooks: list[str]) -> list[str]:
     return [acts_name(h) for h in hooks] + [TOKENS, DOC_ID, DOC_OFFSET]
+
+
+def array_specs(hooks: list[str], ctx: int, d_model: int, store_dtype: str) -> dict[str, tuple]:
+    """Array name -> (shape of one sequence's row, dtype)."""
+    out = {acts_name(h): ((ctx, d_model), store_dtype) for h in hooks}
+    out.update({TOKENS: ((ctx,), "int32"), DOC_ID: ((), "int64"), DOC_OFFSET: ((), "int64")})
+    return out
 
 
 # ----------------------------------------------------------------------------------------- locations
@@ -67,6 +76,16 @@ def zarr_store(location: str | Path, *, read_only: bool):
     if isinstance(location, str):
         return zarr.storage.FsspecStore.from_url(location, read_only=read_only)
     return zarr.storage.LocalStore(location, read_only=read_only)
+
+
+def open_group(store, mode: str):
+    """``zarr.open_group``; root metadata that zarr cannot use raises `StoreError`."""
+    import zarr
+
+    try:
+        return zarr.open_group(store, mode=mode)
+    except Exception as e:  # zarr raises several types (GroupNotFoundError, ValueError, ...)
+        raise StoreError(f"zarr.json is unusable ({type(e).__name__}); the store is damaged") from None
 
 
 def read_key(store, key: str) -> bytes | None:
@@ -191,7 +210,14 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
-        d = json.loads(data)
+        """Parse manifest.json; a malformed one raises `StoreError` (never a parser's exception)."""
+        try:
+            d = json.loads(data)
+            problem = _manifest_problem(d)
+        except (ValueError, UnicodeDecodeError) as e:
+            problem = f"not JSON ({e})"
+        if problem:
+            raise StoreError(f"manifest.json is damaged: {problem}; remove the store and build it again")
         return cls(
             d["chunk_seqs"],
             d["batch_size"],
@@ -205,3 +231,107 @@ class Manifest:
         """Sequence range ``[start, stop)`` of chunk ``c``."""
         n = self.n_seq if n_seq is None else n_seq
         return c * self.chunk_seqs, min((c + 1) * self.chunk_seqs, n)
+
+
+# ------------------------------------------------------------------------------- damaged metadata
+def _int(x, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numbers(x, n: int | None = None) -> bool:
+    return isinstance(x, list) and all(_num(v) for v in x) and (n is None or len(x) == n)
+
+
+def _manifest_problem(d) -> str | None:
+    """Why a parsed manifest.json cannot be used (None if its fields have the right types/shapes)."""
+    if not isinstance(d, dict):
+        return "not an object"
+    for k, lo in (("chunk_seqs", 1), ("batch_size", 1), ("completed_chunks", 0), ("n_seq", 0)):
+        if not _int(d.get(k), lo):
+            return f"{k} is {d.get(k)!r}"
+    digests, sums = d.get("checksums"), d.get("sums")
+    if not isinstance(digests, dict) or not all(
+        isinstance(v, list) and len(v) == d["completed_chunks"] and all(isinstance(h, str) for h in v)
+        for v in digests.values()
+    ):
+        return "checksums are not one digest per completed chunk"
+    if not isinstance(sums, dict) or not all(
+        isinstance(s, dict)
+        and _numbers(s.get("sum"))
+        and _num(s.get("sum_norm"))
+        and _num(s.get("sum_sq_norm"))
+        and _int(s.get("count"))
+        for s in sums.values()
+    ):
+        return "stat sums are malformed"
+    if len({len(s["sum"]) for s in sums.values()}) > 1:
+        return "stat sums differ in width"
+    return None
+
+
+def attrs_problem(a: dict) -> str | None:
+    """Why a store's root attributes cannot be used (None if every field a reader, verify, resume
+    or repair relies on is present with the right type)."""
+    if not (isinstance(a.get("key"), str) and a["key"]):
+        return f"key is {a.get('key')!r}"
+    hooks = a.get("hooks")
+    if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h for h in hooks)):
+        return f"hooks are {hooks!r}"
+    for k in ("ctx", "d_model", "chunk_seqs"):
+        if not _int(a.get(k), 1):
+            return f"{k} is {a.get(k)!r}"
+    if a.get("inner_seqs") is not None and not _int(a["inner_seqs"], 1):
+        return f"inner_seqs is {a['inner_seqs']!r}"
+    if a.get("store_dtype") not in ("float16", "float32"):
+        return f"store_dtype is {a.get('store_dtype')!r}"
+    if a.get("status") not in (STATUS_BUILDING, STATUS_COMPLETE):
+        return f"status is {a.get('status')!r}"
+    m = a.get("model")
+    if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("spec"), str)):
+        return "model is malformed"
+    if not isinstance(m.get("weights_hash"), (str, type(None))):
+        return "model.weights_hash is malformed"
+    d = a.get("dataset")
+    if not (
+        isinstance(d, dict)
+        and all(isinstance(d.get(k), str) for k in ("dataset", "text_column", "fingerprint"))
+        and all(isinstance(d.get(k), (str, type(None))) for k in ("split", "config"))
+    ):
+        return "dataset is malformed"
+    if not isinstance(a.get("tokenizer", {}), dict):
+        return "tokenizer is malformed"
+    if not isinstance(a.get("prepend_bos"), bool) or not isinstance(a.get("dtype"), str):
+        return "prepend_bos or dtype is malformed"
+    if a.get("max_tokens") is not None and not _int(a["max_tokens"], 1):
+        return f"max_tokens is {a['max_tokens']!r}"
+    if a["status"] == STATUS_COMPLETE:
+        if not _int(a.get("n_seq"), 1):
+            return f"n_seq is {a.get('n_seq')!r}"
+        stats = a.get("stats")
+        if not isinstance(stats, dict) or not all(
+            isinstance(stats.get(h), dict)
+            and _numbers(stats[h].get("mean"), a["d_model"])
+            and all(_num(stats[h].get(k)) for k in ("mean_norm", "mean_sq_norm"))
+            and _int(stats[h].get("count"))
+            for h in hooks
+        ):
+            return "stats are malformed"
+    return None
+
+
+def manifest_problem(m: Manifest, hooks: list[str], d_model: int, chunk_seqs: int) -> str | None:
+    """Why a parsed manifest does not fit its store's attributes (None if it does)."""
+    c, n = m.completed_chunks, m.n_seq
+    if m.chunk_seqs != chunk_seqs:
+        return f"chunk_seqs {m.chunk_seqs}, the attributes say {chunk_seqs}"
+    if not ((c == 0 and n == 0) or (c - 1) * chunk_seqs < n <= c * chunk_seqs):
+        return f"{n} sequences cannot fill {c} chunks of {chunk_seqs}"
+    if set(m.sums) != set(hooks) or any(len(s.sum) != d_model for s in m.sums.values()):
+        return "stat sums do not match the hooks"
+    if c and set(m.checksums) != set(array_names(hooks)):
+        return "checksums do not name the store's arrays"
+    return None

@@ -46,7 +46,9 @@ from pipeline.store_layout import (
     StatSums,
     acts_name,
     checksum,
+    manifest_problem,
     normalise,
+    open_group,
     read_key,
     write_key,
     zarr_store,
@@ -128,8 +130,14 @@ class StoreWriter:
         try:
             store = zarr_store(location, read_only=False)
             if read_key(store, "zarr.json") is not None:
-                group = zarr.open_group(store, mode="r+")
-                have = dict(group.attrs)
+                from pipeline.store import read_attrs
+
+                have = read_attrs(location)  # StoreError if its attributes are damaged
+                if have is None:
+                    raise StoreError(
+                        f"{location} holds no readable activation store; remove it and build again"
+                    )
+                group = open_group(store, "r+")
                 if have.get("key") != attrs["key"]:
                     raise StoreError(f"{location} holds store {have.get('key')!r}, not {attrs['key']!r}")
                 if have.get("status") == STATUS_COMPLETE:
@@ -142,7 +150,11 @@ class StoreWriter:
                 group.attrs.update({"resumed_at": [*have.get("resumed_at", []), _utcnow()]})
                 raw = read_key(store, MANIFEST_KEY)
                 if raw is not None and all(name in group for name in layout.specs()):
-                    return cls(location, group, Manifest.from_bytes(raw), layout, lock_fd)
+                    m = Manifest.from_bytes(raw)
+                    problem = manifest_problem(m, layout.hooks, layout.d_model, layout.chunk_seqs)
+                    if problem:
+                        raise StoreError(f"{location}: manifest.json is damaged ({problem}); remove it")
+                    return cls(location, group, m, layout, lock_fd)
                 # killed while creating the arrays: nothing was completed, so start them afresh
             else:
                 group = zarr.create_group(store, attributes=_initial_attrs(attrs, layout))
@@ -156,6 +168,11 @@ class StoreWriter:
             raise StoreError(
                 f"{full} while opening the store in {location}; rerun the same command to resume"
                 + (" after freeing space" if e.errno == errno.ENOSPC else "")
+            ) from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # zarr on damaged metadata
+            _unlock(lock_fd)
+            raise StoreError(
+                f"{location} is damaged ({type(e).__name__} reading its metadata); remove it and build again"
             ) from None
         except BaseException:
             _unlock(lock_fd)

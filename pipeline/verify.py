@@ -25,6 +25,7 @@ from pipeline.store_layout import (
     acts_name,
     array_names,
     checksum,
+    manifest_problem,
     read_key,
     zarr_store,
 )
@@ -72,8 +73,20 @@ def verify_store(path_or_key, cache_dir=None, *, progress: bool = False) -> Veri
     if raw is None:
         rep._structural("manifest.json is missing: no chunk can be checked")
         return rep
-    m = Manifest.from_bytes(raw)
-    group = zarr.open_group(store, mode="r")
+    try:
+        m = Manifest.from_bytes(raw)
+    except StoreError as e:
+        rep._structural(str(e))
+        return rep
+    problem = manifest_problem(m, list(attrs["hooks"]), int(attrs["d_model"]), int(attrs["chunk_seqs"]))
+    if problem:
+        rep._structural(f"manifest.json does not fit the store: {problem}")
+        return rep
+    try:
+        group = zarr.open_group(store, mode="r")
+    except Exception as e:  # zarr.json has our attributes but not zarr's own fields
+        rep._structural(f"zarr.json is unreadable by zarr ({type(e).__name__})")
+        return rep
     complete = attrs.get("status") == STATUS_COMPLETE
     n_seq = int(attrs["n_seq"]) if complete else m.n_seq
     rep.n_seq, rep.n_chunks = n_seq, m.completed_chunks
@@ -98,6 +111,9 @@ def verify_store(path_or_key, cache_dir=None, *, progress: bool = False) -> Veri
             arr = group[name]
         except KeyError:
             rep._structural(f"array {name} is missing")
+            continue
+        except Exception as e:  # a damaged zarr.json of the array: zarr raises various types
+            rep._structural(f"array {name} has unreadable metadata ({type(e).__name__})")
             continue
         row, dtype = expected[name]
         if tuple(arr.shape[1:]) != row or str(arr.dtype) != dtype or (complete and arr.shape[0] != n_seq):
