@@ -68,8 +68,8 @@ def _parse_count(text: str | None) -> int | None:
         raise UserError(
             f"--max-tokens must be a number like 200000, 200k or 1.5M (or 'all'), not {text!r}"
         ) from None
-    if value < 1:
-        raise UserError(f"--max-tokens must be positive, got {text!r}")
+    if not value >= 1 or value == float("inf"):  # also refuses nan and 1e999
+        raise UserError(f"--max-tokens must be a positive finite count, got {text!r}")
     return int(value)
 
 
