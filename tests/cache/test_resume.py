@@ -18,7 +18,8 @@ from pipeline.verify import verify_store
 # The child is the real CLI with each forward pass slowed down and counted (in a file), so the test
 # can send a signal after a known number of forwards, while the build is certainly still running.
 SLOW_CLI = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if a parent ignored it
 from pipeline import models
 forward = models.LoadedModel.run_to_hooks
 calls = 0
