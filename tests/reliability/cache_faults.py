@@ -1,0 +1,516 @@
+"""Fault injection for the activation cache, shared by `test_cache_crash.py` and `bench/soak_cache.py`.
+
+A `Rig` holds the tiny model, loaded once, and a reference store built without faults.  Each fault
+kind runs real builds (or repairs) of the same key in *forked* processes that run the real CLI
+(`pipeline.cli_cache.main`) with the preloaded model (forking costs ~50 ms where a fresh interpreter
+costs ~10 s), injects its fault, then finishes the work in this process and checks the outcome:
+
+- ``kill9``: SIGKILL the build at a random instant (uniform over a build's duration), ``kills``
+  times in a row (each later kill hits a resuming build); then resume to the end.
+- ``sigint``: Ctrl-C at a random instant: exit 130 with one ``error: interrupted`` line (or 0 when
+  it finished first); then resume.
+- ``enospc``: the disk fills at a random file write (every write from the k-th on fails with
+  ENOSPC, chunk files, manifest and metadata alike): exit 2 with one ``error: disk full`` line; then
+  space is freed and the build resumed.
+- ``corrupt``: 1-3 random chunk files of a complete store are bit-flipped, truncated or deleted:
+  `verify` must name exactly those chunks, reads of them must raise `StoreError` (reads of the
+  others must succeed), and `repair` (optionally SIGKILLed once at a random instant first) must
+  restore the reference.
+
+After every fault the interrupted store's completed chunks are checked (`verify`), and the resume
+must keep every sequence the manifest had recorded.  ``lost`` counts sequences lost that way plus
+sequences that differ from the reference at the end: it must be 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.cache_runner import CacheConfig, build_cache
+from pipeline.errors import StoreError
+from pipeline.store import ActivationStore
+from pipeline.store_layout import array_names
+from pipeline.verify import verify_store
+
+TINY = dict(model="tiny", ctx=32, max_tokens=32 * 96, chunk_seqs=8, batch_size=4, progress=False)
+KINDS = ("kill9", "sigint", "enospc", "corrupt", "race")
+
+
+def cli_args(cfg: CacheConfig) -> list[str]:
+    return [
+        "build",
+        *("--model", cfg.model, "--ctx", str(cfg.ctx), "--max-tokens", str(cfg.max_tokens)),
+        *("--chunk-seqs", str(cfg.chunk_seqs), "--batch-size", str(cfg.batch_size)),
+        *("--no-progress", "--cache-dir", str(cfg.cache_dir)),
+    ]
+
+
+# --------------------------------------------------------------------------------------- children
+def _child(args: list[str], model, log: str, slow_s: float, fault: tuple | None, ready) -> None:
+    """Runs in the forked process: the real CLI with the preloaded model and the injected fault.
+
+    fault: None; ``("enospc", k)``: every file write from the k-th on fails with ENOSPC;
+    ``("kill", k, where)``: SIGKILL itself at the k-th file write, ``before`` it, ``after`` it, or
+    ``mid``-way (half the bytes in zarr's temporary file, not yet renamed into place).
+    """
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest may have replaced
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115  the objects, not the fds)
+    from pipeline import models
+
+    models.load_model = lambda *a, **k: model
+    if slow_s:
+        forward = models.LoadedModel.run_to_hooks
+
+        def slow(self, tokens, hooks):
+            time.sleep(slow_s)
+            return forward(self, tokens, hooks)
+
+        models.LoadedModel.run_to_hooks = slow
+    if fault is not None:
+        import zarr.storage._local as local
+
+        real_put, count = local._put, [0]
+
+        def put(path, value, exclusive=False):
+            count[0] += 1
+            if fault[0] == "enospc" and count[0] > fault[1]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if fault[0] == "kill" and count[0] == fault[1] and fault[2] != "after":
+                if fault[2] == "mid":
+                    data = bytes(value.as_buffer_like())
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.with_suffix(".0123abcd.partial").write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            n = real_put(path, value, exclusive=exclusive)
+            if fault[0] == "kill" and count[0] == fault[1]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return n
+
+        local._put = put
+    from pipeline.cli_cache import main
+
+    ready.set()  # the parent's clock starts here, not during fork's own bookkeeping
+    main(args)
+
+
+@dataclass
+class Child:
+    proc: multiprocessing.Process
+    log: Path
+    started: float
+
+    def stop(self, sig: int | None, after_s: float) -> int:
+        """Send ``sig`` ``after_s`` seconds after the start (unless it ended); wait; the exit code."""
+        self.proc.join(timeout=max(0.0, self.started + after_s - time.perf_counter()))
+        if sig is not None and self.proc.is_alive():
+            os.kill(self.proc.pid, sig)
+        self.proc.join(timeout=120)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+            raise RuntimeError(f"child {self.proc.pid} hung; log: {self.text()[-500:]}")
+        return self.proc.exitcode
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+# --------------------------------------------------------------------------------------- the rig
+@dataclass
+class Trial:
+    kind: str
+    faults: Counter = field(default_factory=Counter)  # landed faults by sub-kind (a late kill is none)
+    lost: int = 0  # sequences lost or wrong (must be 0)
+    failures: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Rig:
+    """The tiny model, a reference store, and fault trials against fresh copies of its key."""
+
+    def __init__(self, model, root: Path, slow_s: float = 0.02, calibrate: bool = True):
+        self.model, self.root, self.slow_s = model, Path(root), slow_s
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._n = 0
+        ref = build_cache(self.config(self._home("reference")), model=model)
+        self.key, self.ref_location = ref.key, Path(ref.location)
+        self.reference = snapshot(self.ref_location)
+        self.n_seq = ref.n_seq
+        self.build_s, self.n_puts = self._calibrate() if calibrate else (1.0, 0)
+
+    # -------------------------------------------------------------------------------- helpers
+    def config(self, home: Path) -> CacheConfig:
+        return CacheConfig(**TINY, cache_dir=str(home))
+
+    def _home(self, name: str) -> Path:
+        home = self.root / name
+        home.mkdir(parents=True, exist_ok=True)
+        models = home / "models"
+        if not models.exists():  # share converted models and weight-hash memos
+            models.symlink_to(paths.models_dir(), target_is_directory=True)
+        return home
+
+    def fresh(self) -> Path:
+        self._n += 1
+        return self._home(f"t{self._n:03d}")
+
+    def start(self, args: list[str], *, slow: bool = True, fault: tuple | None = None) -> Child:
+        self._n += 1
+        log = self.root / f"child{self._n:03d}.log"
+        ctx = multiprocessing.get_context("fork")
+        ready = ctx.Event()
+        proc = ctx.Process(
+            target=_child,
+            args=(args, self.model, str(log), self.slow_s if slow else 0.0, fault, ready),
+        )
+        proc.start()
+        if not ready.wait(timeout=60):
+            proc.kill()
+            raise RuntimeError("a forked child never started")
+        return Child(proc, log, time.perf_counter())
+
+    def _calibrate(self) -> tuple[float, int]:
+        """Seconds of one slowed child build, and the file writes of one build (for ENOSPC)."""
+        import zarr.storage._local as local
+
+        home = self.fresh()
+        child = self.start(cli_args(self.config(home)))
+        code = child.stop(None, 0)
+        if code != 0:
+            raise RuntimeError(f"calibration build failed ({code}): {child.text()[-500:]}")
+        seconds = time.perf_counter() - child.started
+        problems = differences(self.reference, home / self.key)
+        if problems:
+            raise RuntimeError(f"a forked build differs from the in-process one: {problems[:3]}")
+        real_put, count = local._put, [0]
+
+        def put(path, value, exclusive=False):
+            count[0] += 1
+            return real_put(path, value, exclusive=exclusive)
+
+        local._put = put
+        try:
+            build_cache(self.config(self.fresh()), model=self.model)
+        finally:
+            local._put = real_put
+        return seconds, count[0]
+
+    def resume(self, home: Path, trial: Trial, kept_seqs: int) -> None:
+        """Finish the build in this process; it must keep the ``kept_seqs`` sequences recorded
+        before the fault and end equal to the reference."""
+        r = build_cache(self.config(home), model=self.model)
+        if not r.hit and r.resumed_seqs < kept_seqs:
+            trial.lost += kept_seqs - r.resumed_seqs
+            trial.failures.append(f"resume kept {r.resumed_seqs} of {kept_seqs} recorded sequences")
+        trial.events.append("resume: hit" if r.hit else f"resume after {r.resumed_seqs} sequences")
+        self.final_check(home, trial)
+
+    def final_check(self, home: Path, trial: Trial) -> None:
+        problems = differences(self.reference, home / self.key)
+        stray = sorted(p.name for p in (home / self.key).rglob("*.partial"))  # unfinished zarr writes
+        if stray:
+            trial.failures.append(f"temporary files left in the store: {stray[:3]}")
+        if problems:
+            trial.failures.extend(problems)
+            trial.lost += _wrong_seqs(self.reference, home / self.key)
+
+    # -------------------------------------------------------------------------------- fault kinds
+    def kill9(self, rng: np.random.Generator, kills: int = 1) -> Trial:
+        """SIGKILL ``kills`` times in a row, each at a random instant or at a random file write."""
+        t0, trial, home, kept = time.perf_counter(), Trial("kill9"), self.fresh(), 0
+        for _ in range(kills):
+            if rng.random() < 0.5:
+                at = float(rng.uniform(0, 1.1 * self.build_s))
+                what, child = f"kill9 at {at:.2f}s", self.start(cli_args(self.config(home)))
+                code, sub = child.stop(signal.SIGKILL, at), "kill9@instant"
+            else:
+                k, where = int(rng.integers(1, self.n_puts + 1)), ("before", "mid", "after")[rng.integers(3)]
+                what = f"kill9 {where} write {k}"
+                child = self.start(cli_args(self.config(home)), slow=False, fault=("kill", k, where))
+                code, sub = child.stop(None, 0), "kill9@write"
+            kept = self._check_exit(trial, home, child, code, -signal.SIGKILL, what, sub, kept)
+        self.resume(home, trial, kept)
+        trial.seconds = time.perf_counter() - t0
+        return trial
+
+    def sigint(self, rng: np.random.Generator) -> Trial:
+        t0, trial, home = time.perf_counter(), Trial("sigint"), self.fresh()
+        at = float(rng.uniform(0, 1.1 * self.build_s))
+        child = self.start(cli_args(self.config(home)))
+        code = child.stop(signal.SIGINT, at)
+        kept = self._check_exit(trial, home, child, code, 130, f"sigint at {at:.2f}s", "sigint", 0)
+        last = (child.text().strip().splitlines() or [""])[-1]
+        if code == 130 and not last.startswith("error: interrupted"):
+            trial.failures.append(f"sigint at {at:.2f}s: last line {last!r}")
+        self.resume(home, trial, kept)
+        trial.seconds = time.perf_counter() - t0
+        return trial
+
+    def enospc(self, rng: np.random.Generator) -> Trial:
+        """The disk fills at a random write; then space is freed and the build resumed."""
+        t0, trial, home = time.perf_counter(), Trial("enospc"), self.fresh()
+        k = int(rng.integers(0, self.n_puts))
+        child = self.start(cli_args(self.config(home)), slow=False, fault=("enospc", k))
+        code = child.stop(None, 0)
+        kept = self._check_exit(trial, home, child, code, 2, f"disk full after {k} writes", "enospc", 0)
+        last = (child.text().strip().splitlines() or [""])[-1]
+        if code == 2 and not last.startswith("error: disk full"):
+            trial.failures.append(f"disk full after {k} writes: last line {last!r}")
+        said = re.search(r"the (\d+) completed chunks are kept", last)
+        if said and min(int(said.group(1)) * TINY["chunk_seqs"], self.n_seq) != kept:
+            trial.failures.append(f"disk full after {k} writes: {last!r}, but the manifest keeps {kept} seqs")
+        self.resume(home, trial, kept)
+        trial.seconds = time.perf_counter() - t0
+        return trial
+
+    def race(self, rng: np.random.Generator, kill_one: bool = False) -> Trial:
+        """Two builds of the key started ``stagger`` apart: exactly one builds, the other finds the
+        store complete (cache hit) or is refused by the lock; with ``kill_one`` the first is SIGKILLed
+        at a random instant, and the second must then be refused or complete the store itself."""
+        t0, trial, home = time.perf_counter(), Trial("race"), self.fresh()
+        stagger = float(rng.uniform(0, 1.5 * self.build_s))
+        first = self.start(cli_args(self.config(home)))
+        time.sleep(stagger)
+        second = self.start(cli_args(self.config(home)))
+        trial.faults["race"] += 1
+        codes = [first.stop(signal.SIGKILL if kill_one else None, stagger + rng.uniform(0, self.build_s))]
+        codes.append(second.stop(None, 0))
+        logs = [first.text(), second.text()]
+        built = sum(line.startswith("built ") for log in logs for line in log.splitlines())
+        hits = sum(line.startswith("cache hit") for log in logs for line in log.splitlines())
+        refused = sum("another process is building" in log for log in logs)
+        if kill_one and codes[0] == -signal.SIGKILL:
+            trial.faults["kill9@race"] += 1
+        trial.events.append(
+            f"stagger {stagger:.2f}s: exits {codes}, built {built}, hit {hits}, refused {refused}"
+        )
+        if any("Traceback" in log for log in logs) or any(c not in (0, 2, -signal.SIGKILL) for c in codes):
+            trial.failures.append(f"race: exits {codes}, logs {[log[-200:] for log in logs]}")
+        if built > 1 or (not kill_one and built + hits + refused != 2) or (not kill_one and built != 1):
+            trial.failures.append(f"race: {built} built, {hits} hits, {refused} refused")
+        self.resume(home, trial, 0)
+        trial.seconds = time.perf_counter() - t0
+        return trial
+
+    def _check_exit(self, trial, home, child: Child, code, expected, what, sub, kept) -> int:
+        """Exit status and output of a faulted child; then the interrupted store (`_after_fault`)."""
+        if code == 0:
+            trial.events.append(f"{what}: the build had finished")
+            return kept
+        trial.faults[sub] += 1
+        log = child.text()
+        if code != expected or "Traceback" in log:
+            trial.failures.append(f"{what}: exit {code}, log {log.strip()[-300:]!r}")
+        return self._after_fault(home, trial, what, kept)
+
+    def corrupt(self, rng: np.random.Generator, kill_repair: bool = False) -> Trial:
+        from pipeline.repair import repair_store
+
+        t0, trial, home = time.perf_counter(), Trial("corrupt"), self.fresh()
+        location = home / self.key
+        shutil.copytree(self.ref_location, location)
+        damage = damage_chunks(location, rng, int(rng.integers(1, 4)))
+        trial.faults.update(damage.values())
+        trial.events.append(", ".join(f"{how} chunk {c} of {name}" for (c, name), how in damage.items()))
+        found = verify_store(location).damaged
+        if {(c, n) for c, names in found.items() for n in names} != set(damage):
+            trial.failures.append(f"verify found {found}, damage was {sorted(damage)}")
+        trial.failures.extend(refusals(location, damage))
+        if kill_repair:
+            child = self.start(["repair", str(location), "--cache-dir", str(home)])
+            at = float(rng.uniform(0, 1.0))
+            code = child.stop(signal.SIGKILL, at)
+            trial.faults["kill9@repair"] += code == -signal.SIGKILL
+            trial.events.append(f"repair killed at {at:.2f}s" if code < 0 else "repair finished first")
+        rep = repair_store(location, model=self.model)
+        trial.events.append(f"repair rewrote chunks {sorted(rep.chunks)}, {rep.exact} arrays bit-exact")
+        self.final_check(home, trial)
+        trial.seconds = time.perf_counter() - t0
+        return trial
+
+    def _after_fault(self, home: Path, trial: Trial, what: str, kept: int) -> int:
+        """Completed chunks of the interrupted store must be intact; returns the sequences recorded."""
+        location = home / self.key
+        if not (location / "manifest.json").exists():
+            trial.events.append(f"{what}: no store yet")
+            return kept
+        rep = verify_store(location)
+        bad = [p for p in rep.problems if not p.startswith("store is incomplete")]
+        if bad:
+            trial.failures.append(f"{what}: the interrupted store has problems: {bad[:2]}")
+            trial.lost += len(rep.damaged) * TINY["chunk_seqs"]
+        trial.events.append(f"{what}: {rep.n_chunks} chunks recorded")
+        if rep.n_seq < kept:
+            trial.lost += kept - rep.n_seq
+            trial.failures.append(f"{what}: {kept} sequences were recorded before, {rep.n_seq} now")
+        return max(kept, rep.n_seq)
+
+
+# --------------------------------------------------------------------------------------- checks
+def snapshot(location: Path) -> dict:
+    """Everything a store holds that must survive faults: arrays, stats, manifest checksums."""
+    store = ActivationStore.open(location, checked=False)
+    return {
+        "arrays": {name: np.asarray(store.group[name][:]) for name in array_names(store.hooks)},
+        "stats": store.attrs["stats"],
+        "checksums": store.manifest().checksums,
+    }
+
+
+def differences(reference: dict, location: Path) -> list[str]:
+    """Why the store at ``location`` is not the reference (empty when it is)."""
+    try:
+        rep = verify_store(location)
+        got = snapshot(location)
+    except StoreError as e:
+        return [f"store unusable: {e}"]
+    out = [f"verify: {p}" for p in rep.problems]
+    for name, want in reference["arrays"].items():
+        if got["arrays"][name].shape != want.shape or not np.array_equal(got["arrays"][name], want):
+            out.append(f"{name} differs from the reference")
+    if got["stats"] != reference["stats"]:
+        out.append("stats differ from the reference")
+    if got["checksums"] != reference["checksums"]:
+        out.append("manifest checksums differ from the reference")
+    return out
+
+
+def _wrong_seqs(reference: dict, location: Path) -> int:
+    try:
+        got = snapshot(location)["arrays"]
+    except StoreError:
+        return len(reference["arrays"]["tokens"])
+    bad = np.zeros(len(reference["arrays"]["tokens"]), dtype=bool)
+    for name, want in reference["arrays"].items():
+        have = got[name]
+        if have.shape != want.shape:
+            return len(bad)
+        bad |= (have != want).reshape(len(bad), -1).any(axis=1)
+    return int(bad.sum())
+
+
+def chunk_file(location: Path, name: str, c: int) -> Path:
+    ndim = len(json.loads((location / name / "zarr.json").read_text())["shape"])
+    return location / name / "c" / "/".join(map(str, (c,) + (0,) * (ndim - 1)))
+
+
+def damage_chunks(location: Path, rng: np.random.Generator, n: int) -> dict[tuple[int, str], str]:
+    """Damage ``n`` distinct (chunk, array) files: flip one byte, truncate, or delete."""
+    meta = json.loads((location / "zarr.json").read_text())["attributes"]
+    names = array_names(meta["hooks"])
+    n_chunks = -(-meta["n_seq"] // meta["chunk_seqs"])
+    picks: dict[tuple[int, str], str] = {}
+    while len(picks) < n:
+        c, name = int(rng.integers(n_chunks)), names[int(rng.integers(len(names)))]
+        path = chunk_file(location, name, c)
+        if (c, name) in picks or not path.exists():  # zarr stores no file for an all-zero chunk
+            continue
+        raw = bytearray(path.read_bytes())
+        how = ("flip", "truncate", "delete")[int(rng.integers(3))]
+        if how == "flip":
+            i = int(rng.integers(len(raw)))
+            raw[i] ^= 1 << int(rng.integers(8))
+            path.write_bytes(bytes(raw))
+        elif how == "truncate":
+            path.write_bytes(bytes(raw[: int(rng.integers(len(raw)))]))
+        else:
+            path.unlink()
+        picks[(c, name)] = how
+    return picks
+
+
+def refusals(location: Path, damage: dict) -> list[str]:
+    """A consumer must get StoreError for every damaged chunk and data for every intact one."""
+    out = []
+    store = ActivationStore.open(location)
+    damaged = {c for c, _ in damage}
+    for c in range(-(-store.n_seq // store.chunk_seqs)):
+        lo = c * store.chunk_seqs
+        for name in array_names(store.hooks):
+            try:
+                store.array(name)[lo]  # one sequence: the whole chunk is checked on first touch
+                ok = True
+            except StoreError:
+                ok = False
+            if ok == ((c, name) in damage):
+                out.append(f"reading chunk {c} of {name}: {'no error' if ok else 'refused'}")
+    if damaged:
+        try:
+            list(store.iter_windows(store.hooks[0], window=8, batch_size=64, seed=0))
+            if any(n.startswith("acts/") or n == "tokens" for _, n in damage):
+                out.append("iter_windows over a damaged store raised nothing")
+        except StoreError:
+            pass
+    return out
+
+
+def summary(trials: list[Trial]) -> dict:
+    kinds = sorted({t.kind for t in trials})
+    return {
+        "trials": len(trials),
+        "trials_per_kind": {k: sum(t.kind == k for t in trials) for k in kinds},
+        "faults_injected": dict(sorted(sum((t.faults for t in trials), Counter()).items())),
+        "failures": sum(len(t.failures) for t in trials),
+        "data_lost_seqs": sum(t.lost for t in trials),
+    }
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------- disk full
+def disk_full_scenario(small: str, work: str, free_bytes: int = 200_000) -> dict:
+    """Run inside a mount namespace where ``small`` is a freshly mounted small tmpfs: fill it to
+    ``free_bytes`` of free space, build into it with the real CLI until the disk is full, check the
+    interrupted store, free the space, resume, and compare with a reference built in ``work``."""
+    from click.testing import CliRunner
+
+    from pipeline import models
+    from pipeline.cli_cache import main
+
+    model = models.load_model("tiny")
+    models.load_model = lambda *a, **k: model
+    ref = build_cache(CacheConfig(**TINY, cache_dir=str(Path(work) / "ref")), model=model)
+    home = Path(small) / "cache"
+    home.mkdir()
+    (home / "models").symlink_to(paths.models_dir(), target_is_directory=True)
+    st = os.statvfs(small)
+    filler = Path(small) / "filler"
+    filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - free_bytes, 0))
+    args = cli_args(CacheConfig(**TINY, cache_dir=str(home)))
+    full = CliRunner().invoke(main, args)
+    location = home / ref.key
+    rep = verify_store(location) if (location / "manifest.json").exists() else None
+    filler.unlink()
+    resumed = CliRunner().invoke(main, [*args, "--json"])
+    return {
+        "fs_bytes": st.f_blocks * st.f_frsize,
+        "full_exit": full.exit_code,
+        "full_stderr": full.stderr,
+        "traceback": "Traceback" in full.output or not isinstance(full.exception, SystemExit | None),
+        "kept_chunks": rep.n_chunks if rep else 0,
+        "interrupted_problems": [p for p in (rep.problems if rep else []) if not p.startswith("store is")],
+        "resume_exit": resumed.exit_code,
+        "resume": json.loads(resumed.stdout.strip().splitlines()[-1]) if resumed.exit_code == 0 else None,
+        "differences": differences(snapshot(Path(ref.location)), location),
+        "partial_files": len(list(location.rglob("*.partial"))),
+    }
