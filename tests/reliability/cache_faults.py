@@ -334,12 +334,12 @@ class Rig:
         if {(c, n) for c, names in found.items() for n in names} != set(damage):
             trial.failures.append(f"verify found {found}, damage was {sorted(damage)}")
         trial.failures.extend(refusals(location, damage))
-        if kill_repair:
-            child = self.start(["repair", str(location), "--cache-dir", str(home)])
-            at = float(rng.uniform(0, 1.0))
-            code = child.stop(signal.SIGKILL, at)
+        if kill_repair:  # SIGKILL the repair at one of its file writes (chunks, manifest, attributes)
+            k, where = int(rng.integers(1, len(damage) + 4)), ("before", "mid", "after")[rng.integers(3)]
+            args = ["repair", str(location), "--cache-dir", str(home)]
+            code = self.start(args, fault=("kill", k, where)).stop(None, 0)
             trial.faults["kill9@repair"] += code == -signal.SIGKILL
-            trial.events.append(f"repair killed at {at:.2f}s" if code < 0 else "repair finished first")
+            trial.events.append(f"repair killed {where} write {k}" if code < 0 else "repair finished first")
         rep = repair_store(location, model=self.model)
         trial.events.append(f"repair rewrote chunks {sorted(rep.chunks)}, {rep.exact} arrays bit-exact")
         self.final_check(home, trial)
