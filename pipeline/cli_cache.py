@@ -30,6 +30,9 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         extra.setdefault("obj", {"argv": list(sys.argv[1:] if args is None else args)})  # for --workers
+        # Ctrl-C inside one of zarr's sync() calls leaves its coroutine unawaited; Python's warning
+        # about that would print after the one `error: interrupted` line
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:

@@ -65,7 +65,8 @@ def _child(args: list[str], model, log: str, slow_s: float, fault: tuple | None,
 
     fault: None; ``("enospc", k)``: every file write from the k-th on fails with ENOSPC;
     ``("kill", k, where)``: SIGKILL itself at the k-th file write, ``before`` it, ``after`` it, or
-    ``mid``-way (half the bytes in zarr's temporary file, not yet renamed into place).
+    ``mid``-way (half the bytes in zarr's temporary file, not yet renamed into place);
+    ``("sigint", k)``: Ctrl-C right after the k-th file write.
     """
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -99,8 +100,8 @@ def _child(args: list[str], model, log: str, slow_s: float, fault: tuple | None,
                     path.with_suffix(".0123abcd.partial").write_bytes(data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
             n = real_put(path, value, exclusive=exclusive)
-            if fault[0] == "kill" and count[0] == fault[1]:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if fault[0] in ("kill", "sigint") and count[0] == fault[1]:
+                os.kill(os.getpid(), signal.SIGKILL if fault[0] == "kill" else signal.SIGINT)
             return n
 
         local._put = put
@@ -252,14 +253,23 @@ class Rig:
         return trial
 
     def sigint(self, rng: np.random.Generator) -> Trial:
+        """Ctrl-C at a random instant, or right after a random file write (which reaches the finish)."""
         t0, trial, home = time.perf_counter(), Trial("sigint"), self.fresh()
-        at = float(rng.uniform(0, 1.1 * self.build_s))
-        child = self.start(cli_args(self.config(home)))
-        code = child.stop(signal.SIGINT, at)
-        kept = self._check_exit(trial, home, child, code, 130, f"sigint at {at:.2f}s", "sigint", 0)
-        last = (child.text().strip().splitlines() or [""])[-1]
-        if code == 130 and not last.startswith("error: interrupted"):
-            trial.failures.append(f"sigint at {at:.2f}s: last line {last!r}")
+        if rng.random() < 0.5:
+            at = float(rng.uniform(0, 1.1 * self.build_s))
+            what, child = f"sigint at {at:.2f}s", self.start(cli_args(self.config(home)))
+            code = child.stop(signal.SIGINT, at)
+        else:
+            k = int(rng.integers(1, self.n_puts + 1))
+            what, child = (
+                f"sigint after write {k}",
+                self.start(cli_args(self.config(home)), fault=("sigint", k)),
+            )
+            code = child.stop(None, 0)
+        kept = self._check_exit(trial, home, child, code, 130, what, "sigint", 0)
+        lines = child.text().strip().splitlines()
+        if code == 130 and (len(lines) != 1 or not lines[0].startswith("error: interrupted")):
+            trial.failures.append(f"{what}: output {lines!r}")
         self.resume(home, trial, kept)
         trial.seconds = time.perf_counter() - t0
         return trial
