@@ -8,8 +8,6 @@ import time
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.skip(reason="errors in a fresh clone of main (CI-like) though they pass in the dev checkout; not yet diagnosed (see the closing note)")
 from cache_faults import Rig, cli_args, differences
 from click.testing import CliRunner
 
@@ -70,3 +68,6 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_holder(rig):
     assert child.stop(signal.SIGKILL, 0) == -signal.SIGKILL
     r = build_cache(cfg, model=rig.model)  # the OS released the dead holder's flock
     assert not r.hit and differences(rig.reference, location) == []
+
+pytestmark = pytest.mark.skip(reason=("errors in a fresh clone of main (CI-like) though they pass in the dev checkout; "
+                "not yet diagnosed (see the closing note)"))
