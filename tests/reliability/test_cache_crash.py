@@ -69,5 +69,4 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_holder(rig):
     r = build_cache(cfg, model=rig.model)  # the OS released the dead holder's flock
     assert not r.hit and differences(rig.reference, location) == []
 
-pytestmark = pytest.mark.skip(reason=("errors in a fresh clone of main (CI-like) though they pass in the dev checkout; "
-                "not yet diagnosed (see the closing note)"))
+pytestmark = pytest.mark.skip(reason="errors in a fresh clone of main (CI-like); not yet diagnosed")
