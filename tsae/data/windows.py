@@ -30,17 +30,15 @@ rank needs nearly all of them) and gathers only its own rows.  A last partial ba
 is dropped (a share may not be empty); `len`, `batches_yielded` and `start_batch` count global
 batches.
 
-A background thread reads chunks and assembles batches into a bounded queue (`prefetch` batches);
-the next buffer's chunks are read while the current one is being served.  At most about
-2 x `buffer_chunks` chunks are in memory.  `wait_s` accumulates the time the consumer spent
-blocked on the queue (the loader's share of a training step).
+A background thread (`tsae.data.prefetch`) reads chunks and assembles batches into a bounded
+queue (`prefetch` batches); the next buffer's chunks are read while the current one is being
+served.  At most about 2 x `buffer_chunks` chunks are in memory.  `wait_s` accumulates the time
+the consumer spent blocked on the queue (the loader's share of a training step).
 """
 
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from tsae.data.prefetch import prefetch
 
 
 @dataclass
@@ -229,62 +229,48 @@ class WindowBatches:
         t = None if self.tokens is None else np.asarray(self.tokens[lo:hi])
         return a, t, lo
 
-    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+    def _batches(self) -> Iterator[WindowBatch]:
+        """The stream of batches (run on the prefetch thread by `__iter__`)."""
+        total = self._total_windows()
+        to_skip = self.start_batch * self.batch_size  # windows of the stream to skip
+        emitted = 0  # windows of the stream passed (skipped or yielded)
+        plan = self._plan()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending: list[tuple[list[Future], np.ndarray]] = []
 
-        try:
-            total = self._total_windows()
-            to_skip = self.start_batch * self.batch_size  # windows of the stream to skip
-            emitted = 0  # windows of the stream passed (skipped or yielded)
-            plan = self._plan()
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                pending: list[tuple[list[Future], np.ndarray]] = []
-
-                def schedule_next() -> None:
-                    nonlocal emitted
-                    for group, win in plan:
-                        n = len(win)
-                        if total is not None:
-                            n = min(n, total - emitted)
-                        if emitted + n <= to_skip:  # entirely skipped: never read
-                            emitted += n
-                            if total is not None and emitted >= total:
-                                return
-                            continue
-                        cut = max(to_skip - emitted, 0)
-                        futs = [pool.submit(self._read_unit, u) for u in group]
-                        pending.append((futs, win[cut:n]))
+            def schedule_next() -> None:
+                nonlocal emitted
+                for group, win in plan:
+                    n = len(win)
+                    if total is not None:
+                        n = min(n, total - emitted)
+                    if emitted + n <= to_skip:  # entirely skipped: never read
                         emitted += n
-                        return
-
-                schedule_next()
-                carry: list[tuple[dict, np.ndarray]] = []  # (buffer, windows) not yet batched
-                n_carry = 0
-                while pending:
-                    futs, win = pending.pop(0)
-                    if total is None or emitted < total:
-                        schedule_next()  # read ahead while this buffer is served
-                    buf = self._assemble_buffer([f.result() for f in futs])
-                    carry.append((buf, win))
-                    n_carry += len(win)
-                    while n_carry >= self.batch_size:
-                        batch, carry, n_carry = self._take(carry, n_carry, self.batch_size)
-                        if not put(batch):
+                        if total is not None and emitted >= total:
                             return
-                if n_carry and not self.drop_last and n_carry >= self.world_size:
-                    batch, carry, n_carry = self._take(carry, n_carry, n_carry)
-                    if not put(batch):
-                        return
-            put(None)
-        except BaseException as e:  # surface loader errors in the consumer
-            put(e)
+                        continue
+                    cut = max(to_skip - emitted, 0)
+                    futs = [pool.submit(self._read_unit, u) for u in group]
+                    pending.append((futs, win[cut:n]))
+                    emitted += n
+                    return
+
+            schedule_next()
+            carry: list[tuple[dict, np.ndarray]] = []  # (buffer, windows) not yet batched
+            n_carry = 0
+            while pending:
+                futs, win = pending.pop(0)
+                if total is None or emitted < total:
+                    schedule_next()  # read ahead while this buffer is served
+                buf = self._assemble_buffer([f.result() for f in futs])
+                carry.append((buf, win))
+                n_carry += len(win)
+                while n_carry >= self.batch_size:
+                    batch, carry, n_carry = self._take(carry, n_carry, self.batch_size)
+                    yield batch
+            if n_carry and not self.drop_last and n_carry >= self.world_size:
+                batch, carry, n_carry = self._take(carry, n_carry, n_carry)
+                yield batch
 
     def _assemble_buffer(self, parts: list[tuple[np.ndarray, np.ndarray | None, int]]) -> dict:
         acts = np.concatenate([p[0] for p in parts])
@@ -330,21 +316,15 @@ class WindowBatches:
 
     # ---- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[WindowBatch]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        th = threading.Thread(target=self._produce, args=(q, stop), daemon=True, name="WindowBatches")
-        th.start()
+        batches = prefetch(self._batches(), self.prefetch, name="WindowBatches")
         try:
             while True:
                 t0 = time.perf_counter()
-                item = q.get()
+                batch = next(batches, None)
                 self.wait_s += time.perf_counter() - t0
-                if item is None:
+                if batch is None:
                     return
-                if isinstance(item, BaseException):
-                    raise item
                 self.batches_yielded += 1
-                yield item
+                yield batch
         finally:
-            stop.set()
-            th.join(timeout=5)
+            batches.close()
