@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
-import queue
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from pipeline.errors import ModelError, SourceError, StoreError, UserError
 from pipeline.store import read_attrs
 from pipeline.store_layout import FORMAT_TAG, FORMAT_VERSION, STATUS_COMPLETE, join
 from pipeline.store_writer import BackgroundWriter, Chunk, Layout, StoreComplete, StoreWriter
+from tsae.data.prefetch import prefetch
 
 DEFAULT_MAX_TOKENS = 200_000  # the default build: a few minutes for SmolLM2 to layer 15 on 2 CPU cores
 STORE_DTYPES = ("float16", "float32")  # zarr has no bfloat16; it is never stored
@@ -320,7 +319,7 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
         (existing["chunk_seqs"], existing["inner_seqs"]) if resuming else (cfg.chunk_seqs, cfg.inner_seqs)
     )
     layout = Layout(p.hooks, cfg.ctx, model.d_model, cfg.store_dtype, chunk_seqs, inner)
-    chunks = _prefetch(_chunk_stream(seqs, layout.chunk_seqs, cfg.ctx))
+    chunks = tokenised = _prefetch(_chunk_stream(seqs, layout.chunk_seqs, cfg.ctx))
     first = None
     if not resuming:  # never create a store for a corpus that yields nothing
         first = next(chunks, None)
@@ -388,6 +387,7 @@ def _build(cfg: CacheConfig, model, p: Plan, t0: float) -> BuildResult:
         _stop(bg)
         raise
     finally:
+        tokenised.close()  # stop and join the tokeniser thread now, not when the frame is collected
         bar.close()
         writer.close()
     return BuildResult(
@@ -465,35 +465,7 @@ def _chunk_stream(seqs, chunk_seqs: int, ctx: int) -> Iterator[tuple]:
 def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
     """Run ``it`` on a daemon thread ``depth`` items ahead (tokenising overlaps the model).
     Closing the generator (or an exception in the consumer) stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop, done = threading.Event(), object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in it:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:
-            put(e)
-
-    threading.Thread(target=run, name="cache-tokenise", daemon=True).start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    return prefetch(it, depth, name="cache-tokenise")
 
 
 def _progress(cfg: CacheConfig, key: str, resumed_seqs: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -169,3 +170,25 @@ def test_open_refuses_mismatch_and_incomplete(tiny_model, tmp_cache_dir):
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore.open(r.key)
     assert ActivationStore.open(r.key, require_complete=False).n_seq == 8
+
+
+def tokeniser_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cache-tokenise"]
+
+
+def test_no_tokeniser_thread_outlives_a_build(tiny_model, tmp_cache_dir, monkeypatch):
+    build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 16), model=tiny_model)
+    assert not tokeniser_threads()
+
+    forward, calls = models.LoadedModel.run_to_hooks, []
+
+    def fails_in_chunk_2(self, tokens, hooks):
+        calls.append(1)
+        if len(calls) == 3:  # 2 forwards per chunk of 8 at batch 4; chunks 3-4 are queued meanwhile
+            raise RuntimeError("forward failed")
+        return forward(self, tokens, hooks)
+
+    monkeypatch.setattr(models.LoadedModel, "run_to_hooks", fails_in_chunk_2)
+    with pytest.raises(RuntimeError, match="forward failed"):  # keeps the build's frame alive
+        build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 40), model=tiny_model)
+    assert not tokeniser_threads()  # stopped and joined by the build itself, not by the collector
