@@ -82,6 +82,7 @@ def main() -> None:
                 f"trial {i:3d} {trial.kind:8s} faults={trial.faults} lost={trial.lost} "
                 f"{trial.seconds:5.2f}s {status} | {' | '.join(trial.events)}"
             )
+        rig.close()
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -3,7 +3,13 @@
 A `Rig` holds the tiny model, loaded once, and a reference store built without faults.  Each fault
 kind runs real builds (or repairs) of the same key in *forked* processes that run the real CLI
 (`pipeline.cli_cache.main`) with the preloaded model (forking costs ~50 ms where a fresh interpreter
-costs ~10 s), injects its fault, then finishes the work in this process and checks the outcome:
+costs ~10 s), injects its fault, then finishes the work in this process and checks the outcome.
+
+While a Rig is open torch runs on one thread in this process (`close()` restores the count), so
+every fork inherits one thread: torch's CPU kernels use GNU OpenMP, which is not fork-safe, and a
+child forked after this process ran a multi-threaded kernel hangs at its own first one.  With
+``OMP_NUM_THREADS`` unset (a plain ``make test``) every forked build hung; one thread everywhere
+also keeps the children's activations bit-equal to the in-process reference and resumes.
 
 - ``kill9``: SIGKILL the build at a random instant (uniform over a build's duration), ``kills``
   times in a row (each later kill hits a resuming build); then resume to the end.
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline import paths
 from pipeline.cache_runner import CacheConfig, build_cache
@@ -151,11 +158,21 @@ class Rig:
         self.model, self.root, self.slow_s = model, Path(root), slow_s
         self.root.mkdir(parents=True, exist_ok=True)
         self._n = 0
-        ref = build_cache(self.config(self._home("reference")), model=model)
-        self.key, self.ref_location = ref.key, Path(ref.location)
-        self.reference = snapshot(self.ref_location)
-        self.n_seq = ref.n_seq
-        self.build_s, self.n_puts = self._calibrate() if calibrate else (1.0, 0)
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # before any build: forks must inherit one thread (module doc)
+        try:
+            ref = build_cache(self.config(self._home("reference")), model=model)
+            self.key, self.ref_location = ref.key, Path(ref.location)
+            self.reference = snapshot(self.ref_location)
+            self.n_seq = ref.n_seq
+            self.build_s, self.n_puts = self._calibrate() if calibrate else (1.0, 0)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give this process back its torch thread count."""
+        torch.set_num_threads(self._threads)
 
     # -------------------------------------------------------------------------------- helpers
     def config(self, home: Path) -> CacheConfig:
@@ -174,6 +191,8 @@ class Rig:
         return self._home(f"t{self._n:03d}")
 
     def start(self, args: list[str], *, slow: bool = True, fault: tuple | None = None) -> Child:
+        if torch.get_num_threads() != 1:  # fail now, not after the child's 120 s hang
+            raise RuntimeError("forking with more than one torch thread hangs the child; is the Rig closed?")
         self._n += 1
         log = self.root / f"child{self._n:03d}.log"
         ctx = multiprocessing.get_context("fork")

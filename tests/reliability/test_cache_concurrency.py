@@ -96,11 +96,11 @@ def test_two_cli_builds_of_one_key_while_another_key_is_read(tiny_model, tmp_cac
 
 @pytest.fixture(scope="module")
 def rig(tiny_model, tmp_path_factory):
-    return Rig(tiny_model, tmp_path_factory.mktemp("race"), calibrate=False)
+    rig = Rig(tiny_model, tmp_path_factory.mktemp("race"), calibrate=False)
+    yield rig
+    rig.close()
 
 
-@pytest.mark.skip(reason=("errors in a fresh clone of main (CI-like) though they pass in the dev checkout; "
-                "not yet diagnosed (see the closing note)"))
 def test_forked_builds_racing_for_one_key(rig):
     """Start offsets across the whole build (before the store exists, mid-build, at the end): exactly
     one process builds; the other is a cache hit or refused; with the first killed, nothing is lost."""
