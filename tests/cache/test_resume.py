@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import time
 
 import numpy as np
 
-from pipeline.cache_runner import CacheConfig, build_cache
+from pipeline.cache_runner import build_cache
 from pipeline.store import ActivationStore
 from pipeline.verify import verify_store
 
@@ -87,16 +88,10 @@ def run_until(script, cache_dir, key_dir, at_least: int, sig: int) -> subprocess
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def test_ctrl_c_then_kill_9_then_resume_equals_uninterrupted(tiny_model, tmp_cache_dir, tmp_path):
-    cfg = CacheConfig(
-        model="tiny",
-        ctx=32,
-        max_tokens=32 * 96,
-        chunk_seqs=8,
-        batch_size=4,
-        progress=False,
-        cache_dir=str(tmp_path / "reference"),
-    )
+def test_ctrl_c_then_kill_9_then_resume_equals_uninterrupted(
+    tiny_model, tmp_cache_dir, tmp_path, cfg_for, store_arrays
+):
+    cfg = cfg_for(tmp_path / "reference", max_tokens=32 * 96)  # the same build as ARGS
     reference = ActivationStore.open(build_cache(cfg, model=tiny_model).location)
     key_dir = tmp_cache_dir / reference.key
     script = tmp_path / "slow_cli.py"
@@ -120,13 +115,14 @@ def test_ctrl_c_then_kill_9_then_resume_equals_uninterrupted(tiny_model, tmp_cac
     assert not ActivationStore.open(key_dir, require_complete=False).complete
 
     # resume to the end: exactly the uninterrupted store, nothing lost or duplicated
-    done = build_cache(CacheConfig(**{**cfg.__dict__, "cache_dir": str(tmp_cache_dir)}), model=tiny_model)
+    done = build_cache(dataclasses.replace(cfg, cache_dir=str(tmp_cache_dir)), model=tiny_model)
     assert done.key == reference.key and done.resumed_seqs == killed["n_seq"]
     assert done.computed_tokens == (96 - killed["n_seq"]) * 32
     store = ActivationStore.open(done.key)
     assert store.n_seq == reference.n_seq == 96
-    for name in ["acts/blocks.1.hook_resid_post", "tokens", "doc_id", "doc_offset"]:
-        np.testing.assert_array_equal(store.group[name][:], reference.group[name][:], err_msg=name)
+    got = store_arrays(store)
+    for name, want in store_arrays(reference).items():
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
     assert store.manifest().checksums == reference.manifest().checksums
     assert store.attrs["stats"] == reference.attrs["stats"]
     assert len(store.attrs["resumed_at"]) == 2 and verify_store(done.key).ok

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import models
-from pipeline.cache_runner import CacheConfig, build_cache, plan
+from pipeline.cache_runner import build_cache, plan
 from pipeline.errors import StoreError
 from pipeline.sequences import iter_sequences
 from pipeline.sources import iter_documents
@@ -20,25 +20,12 @@ from pipeline.store import ActivationStore, list_stores, remove
 HOOK = "blocks.1.hook_resid_post"
 
 
-def cfg_for(cache_dir, **kw) -> CacheConfig:
-    base = dict(
-        model="tiny",
-        ctx=32,
-        max_tokens=32 * 44,
-        chunk_seqs=8,
-        batch_size=4,
-        progress=False,
-        cache_dir=str(cache_dir),
-    )
-    return CacheConfig(**{**base, **kw})
-
-
 def direct(model, tokens: np.ndarray, hooks: list[str]) -> dict[str, np.ndarray]:
     out = model.run_to_hooks(torch.from_numpy(tokens), hooks)
     return {h: v.float().numpy() for h, v in out.items()}
 
 
-def test_build_equals_direct_forward(tiny_model, tmp_cache_dir):
+def test_build_equals_direct_forward(tiny_model, tmp_cache_dir, cfg_for):
     r = build_cache(cfg_for(tmp_cache_dir, store_dtype="float32"), model=tiny_model)
     assert not r.hit and r.n_seq == 44 and r.n_tokens == 44 * 32
     s = ActivationStore.open(r.key, model="tiny", hook=HOOK)
@@ -70,7 +57,7 @@ def test_build_equals_direct_forward(tiny_model, tmp_cache_dir):
     assert s.attrs["model"]["weights_hash"] == tiny_model.weights_hash
 
 
-def test_multi_layer_float16_window_and_iter(tiny_model, tmp_cache_dir):
+def test_multi_layer_float16_window_and_iter(tiny_model, tmp_cache_dir, cfg_for):
     hooks = ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out", HOOK]
     r = build_cache(cfg_for(tmp_cache_dir, layers=(0, 1), hooks=("blocks.0.hook_mlp_out",)), model=tiny_model)
     s = ActivationStore.open(r.key)
@@ -101,7 +88,7 @@ def test_multi_layer_float16_window_and_iter(tiny_model, tmp_cache_dir):
     assert len(train) + len(val) == s.n_seq and not set(s.doc_id[:][train]) & set(s.doc_id[:][val])
 
 
-def test_cache_hit_does_no_model_work(tiny_model, tmp_cache_dir, monkeypatch):
+def test_cache_hit_does_no_model_work(tiny_model, tmp_cache_dir, monkeypatch, cfg_for):
     cfg = cfg_for(tmp_cache_dir, max_tokens=32 * 8)
     first = build_cache(cfg, model=tiny_model)
 
@@ -116,7 +103,7 @@ def test_cache_hit_does_no_model_work(tiny_model, tmp_cache_dir, monkeypatch):
     assert time.perf_counter() - t < 2.0
 
 
-def test_key_tracks_contents_only(tmp_cache_dir):
+def test_key_tracks_contents_only(tmp_cache_dir, cfg_for):
     base = cfg_for(tmp_cache_dir)
     key = plan(base).key
     assert key == plan(base).key and key.startswith("tiny_L1_ctx32_")
@@ -138,7 +125,7 @@ def test_key_tracks_contents_only(tmp_cache_dir):
     assert plan(dataclasses.replace(base, layers=(0, 1))).key.startswith("tiny_L0-1_ctx32_")
 
 
-def test_sharded_layout_and_memory_url(tiny_model, tmp_cache_dir):
+def test_sharded_layout_and_memory_url(tiny_model, tmp_cache_dir, cfg_for):
     plain = build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 20), model=tiny_model)
     url = f"memory://tsae-test-{time.time_ns()}"
     sharded = build_cache(cfg_for(url, max_tokens=32 * 20, inner_seqs=1), model=tiny_model)
@@ -152,7 +139,7 @@ def test_sharded_layout_and_memory_url(tiny_model, tmp_cache_dir):
     assert list_stores(url) == []
 
 
-def test_open_refuses_mismatch_and_incomplete(tiny_model, tmp_cache_dir):
+def test_open_refuses_mismatch_and_incomplete(tiny_model, tmp_cache_dir, cfg_for):
     r = build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 8), model=tiny_model)
     with pytest.raises(StoreError, match="built from tiny, not smollm2-135m"):
         ActivationStore.open(r.key, model="smollm2-135m")
@@ -176,7 +163,7 @@ def tokeniser_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "cache-tokenise"]
 
 
-def test_no_tokeniser_thread_outlives_a_build(tiny_model, tmp_cache_dir, monkeypatch):
+def test_no_tokeniser_thread_outlives_a_build(tiny_model, tmp_cache_dir, monkeypatch, cfg_for):
     build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 16), model=tiny_model)
     assert not tokeniser_threads()
 

@@ -13,7 +13,7 @@ import pytest
 import zarr.storage._local as zarr_local
 from click.testing import CliRunner
 
-from pipeline.cache_runner import CacheConfig, build_cache
+from pipeline.cache_runner import build_cache
 from pipeline.cli_cache import main
 from pipeline.errors import StoreError
 from pipeline.export import export_hdf5, read_hdf5_attrs
@@ -23,26 +23,7 @@ from pipeline.verify import verify_store
 HOOK = "blocks.1.hook_resid_post"
 
 
-def cfg_for(cache_dir, **kw) -> CacheConfig:
-    base = dict(
-        model="tiny",
-        ctx=32,
-        max_tokens=32 * 44,
-        chunk_seqs=8,
-        batch_size=4,
-        progress=False,
-        cache_dir=str(cache_dir),
-    )
-    return CacheConfig(**{**base, **kw})
-
-
-def all_arrays(store: ActivationStore) -> dict[str, np.ndarray]:
-    out = {f"acts/{h}": np.asarray(store.activations(h)[:]) for h in store.hooks}
-    out.update(tokens=store.tokens[:], doc_id=store.doc_id[:], doc_offset=store.doc_offset[:])
-    return out
-
-
-def test_verify_names_flipped_truncated_and_missing_chunks(tiny_model, tmp_cache_dir):
+def test_verify_names_flipped_truncated_and_missing_chunks(tiny_model, tmp_cache_dir, cfg_for):
     r = build_cache(cfg_for(tmp_cache_dir), model=tiny_model)
     rep = verify_store(r.key)
     assert rep.ok and rep.n_chunks == 6 and rep.n_seq == 44 and rep.bytes_read > 44 * 32 * 64 * 2
@@ -69,7 +50,7 @@ def test_verify_names_flipped_truncated_and_missing_chunks(tiny_model, tmp_cache
     )
 
 
-def test_verify_catches_stats_that_disagree(tiny_model, tmp_cache_dir):
+def test_verify_catches_stats_that_disagree(tiny_model, tmp_cache_dir, cfg_for):
     r = build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 16), model=tiny_model)
     zjson = tmp_cache_dir / r.key / "zarr.json"
     meta = json.loads(zjson.read_text())
@@ -81,12 +62,12 @@ def test_verify_catches_stats_that_disagree(tiny_model, tmp_cache_dir):
     ]
 
 
-def test_hdf5_export_round_trip(tiny_model, tmp_cache_dir, tmp_path):
+def test_hdf5_export_round_trip(tiny_model, tmp_cache_dir, tmp_path, cfg_for, store_arrays):
     r = build_cache(cfg_for(tmp_cache_dir, layers=(0, 1), max_tokens=32 * 20), model=tiny_model)
     store = ActivationStore.open(r.key)
     out = export_hdf5(r.key, tmp_path / "acts.h5")
     with h5py.File(out, "r") as f:
-        for name, want in all_arrays(store).items():
+        for name, want in store_arrays(store).items():
             assert f[name].dtype == want.dtype
             np.testing.assert_array_equal(f[name][:], want)
         assert f.attrs["key"] == r.key and f.attrs["n_seq"] == 20
@@ -97,7 +78,9 @@ def test_hdf5_export_round_trip(tiny_model, tmp_cache_dir, tmp_path):
     assert res.exit_code == 0 and read_hdf5_attrs(out)["key"] == r.key
 
 
-def test_disk_full_keeps_completed_chunks_then_resumes(tiny_model, tmp_cache_dir, tmp_path, monkeypatch):
+def test_disk_full_keeps_completed_chunks_then_resumes(
+    tiny_model, tmp_cache_dir, tmp_path, monkeypatch, cfg_for, store_arrays
+):
     reference = build_cache(cfg_for(tmp_path / "ref"), model=tiny_model)
     real_put, chunk_writes = zarr_local._put, []
 
@@ -123,14 +106,15 @@ def test_disk_full_keeps_completed_chunks_then_resumes(tiny_model, tmp_cache_dir
     resumed = build_cache(dataclasses.replace(cfg, batch_size=8, chunk_seqs=16), model=tiny_model)
     assert resumed.resumed_seqs == 24 and resumed.computed_tokens == 20 * 32 and resumed.key == reference.key
     a, b = ActivationStore.open(resumed.key), ActivationStore.open(reference.location)
-    for name, want in all_arrays(b).items():
-        np.testing.assert_array_equal(all_arrays(a)[name], want, err_msg=name)
+    got = store_arrays(a)
+    for name, want in store_arrays(b).items():
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
     assert a.attrs["stats"] == b.attrs["stats"] and verify_store(resumed.key).ok
 
 
-def test_killed_while_creating_arrays_starts_afresh(tiny_model, tmp_cache_dir):
+def test_killed_while_creating_arrays_starts_afresh(tiny_model, tmp_cache_dir, cfg_for, store_arrays):
     r = build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 16), model=tiny_model)
-    want = all_arrays(ActivationStore.open(r.key))
+    want = store_arrays(ActivationStore.open(r.key))
     root = tmp_cache_dir / r.key
     shutil.rmtree(root / "tokens")  # as if killed after the group and some arrays were created
     (root / "manifest.json").unlink()
@@ -138,5 +122,5 @@ def test_killed_while_creating_arrays_starts_afresh(tiny_model, tmp_cache_dir):
     zjson.write_text(zjson.read_text().replace('"status": "complete"', '"status": "building"'))
     again = build_cache(cfg_for(tmp_cache_dir, max_tokens=32 * 16), model=tiny_model)
     assert not again.hit and again.resumed_seqs == 0 and verify_store(r.key).ok
-    for name, arr in all_arrays(ActivationStore.open(r.key)).items():
+    for name, arr in store_arrays(ActivationStore.open(r.key)).items():
         np.testing.assert_array_equal(arr, want[name], err_msg=name)
