@@ -114,6 +114,32 @@ def test_interrupted_two_rank_run_resumes_exactly(tmp_path, data):
     assert_equal(weights(full / "static"), weights(cut / "static"))
 
 
+def t_sae_cfg() -> StaticTrainerConfig:
+    """The T-SAE: BatchTopK, its running threshold (from step 10), and InfoNCE over 64 of the batch's 112
+    pairs; a last partial batch of 5 windows (shares 2+3, so the N / n_r weights differ)."""
+    model = {"threshold_start_steps": 10, "threshold_beta": 0.9, "contrastive": 1.0, "contrastive_pairs": 64}
+    return StaticTrainerConfig(architecture="t_sae", d_sae=64, k=4, n_tokens=30 * 128 + 40, batch_windows=16,
+                               window=8, lr=3e-3, log_every=8, progress=False, dead_window_tokens=256,
+                               model_kwargs=model)
+
+
+def test_two_ranks_train_the_one_process_t_sae(tmp_path, data):
+    """Batch-coupled objectives too: the global BatchTopK threshold, the running inference threshold and
+    the InfoNCE pairs and negatives are those of the global batch."""
+    with_threads(train, {"kind": "static", "cfg": t_sae_cfg(), "data": data, "out": tmp_path / "one"})
+    run_ranks([{"kind": "static", "cfg": t_sae_cfg(), "data": data, "out": tmp_path / "two"}])
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert float(one["threshold"]) > 0  # estimated during the run
+    diff = max_rel_diff(one, two)
+    print(f"t_sae 1 vs 2 ranks: max relative difference {diff:.2e}")
+    assert diff < TOL, diff
+    rec1, rec2 = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in rec1] == [r["step"] for r in rec2]
+    for a, b in zip((r for r in rec1 if "mse" in r), (r for r in rec2 if "mse" in r), strict=True):
+        for term in ("mse", "contrastive", "l0", "threshold"):  # global means, logged by rank 0
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-6), (term, a["step"])
+
+
 @pytest.fixture(scope="module")
 def store(tiny_model, tmp_path_factory):
     return tiny_store(tmp_path_factory.getbasetemp() / "reliability_store", tiny_model)

@@ -22,7 +22,14 @@ Loss (reconstruction MSE = mean over tokens of the sum over d):
         sequence are not used as each other's negatives (they share the sequence's topic).
     loss = high_weight * matryoshka_high + (1 - high_weight) * mse
            + contrastive * L_contrastive + auxk * L_aux        (L_aux: aux-k, see topk.py)
-coeffs may override "contrastive" and "auxk".
+coeffs may override "contrastive", "auxk" and "k" (k annealing, see topk.py).
+
+Data parallelism (training under torch.distributed, tsae/train/distributed.py): every batch-level
+quantity is that of the global batch, so W ranks train the 1-process model.  BatchTopK keeps the
+entries >= the global batch's (k * N)-th largest; theta's batch minimum is the minimum over ranks;
+the pairs are sampled for the global batch from the same RNG stream on every rank (each rank
+takes the pairs of its own rows), their high codes are gathered in the 1-process order, and every
+rank computes the same InfoNCE, its gradient reaching each rank's own rows (batch_ops.py).
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tsae.models import batch_ops
 from tsae.models.base import SAEOutput
 from tsae.models.registry import register
-from tsae.models.static import StaticSAE, StaticSAEConfig, reconstruction_mse
-from tsae.models.topk import auxk_loss, batch_topk_activation, topk_activation
+from tsae.models.static import reconstruction_mse
+from tsae.models.topk import KSparseSAE, TopKConfig, batch_topk_activation, topk_activation
 
 
 def sample_partners(B: int, T: int, mode: str, device: torch.device | None = None) -> tuple[Tensor, ...]:
@@ -72,8 +80,7 @@ def info_nce(anchor: Tensor, partner: Tensor, group: Tensor | None = None, tempe
 
 
 @dataclass
-class ContrastiveTSAEConfig(StaticSAEConfig):
-    k: int = 32
+class ContrastiveTSAEConfig(TopKConfig):
     high_fraction: float = 0.2
     high_weight: float = 0.2  # Matryoshka weight of the high-group-only reconstruction
     contrastive: float = 0.1
@@ -83,12 +90,10 @@ class ContrastiveTSAEConfig(StaticSAEConfig):
     contrastive_pairs: int = 1024
     threshold_beta: float = 0.999
     threshold_start_steps: int = 1000
-    k_aux: int = 0  # 0 means d_in // 2
-    auxk: float = 1 / 32
 
 
 @register
-class ContrastiveTemporalSAE(StaticSAE):
+class ContrastiveTemporalSAE(KSparseSAE):
     architecture = "t_sae"
     config_class = ContrastiveTSAEConfig
     is_temporal = True
@@ -109,50 +114,57 @@ class ContrastiveTemporalSAE(StaticSAE):
         f = pre.relu()
         return f * (f > self.threshold)
 
-    def forward(self, x: Tensor) -> SAEOutput:
-        pre = self.pre_activations(x)
-        codes = batch_topk_activation(pre, self.cfg.k) if self.training else self.activation(pre)
-        return SAEOutput(x_hat=self.decode(codes), codes=codes, aux={"pre": pre})
+    def train_codes(self, pre: Tensor, k: int) -> Tensor:
+        return batch_topk_activation(pre, k)
 
     @torch.no_grad()
     def _update_threshold(self, codes: Tensor) -> None:
         self.train_steps += 1
-        active = codes[codes > 0]
-        if self.train_steps <= self.cfg.threshold_start_steps or active.numel() == 0:
+        if self.train_steps <= self.cfg.threshold_start_steps:
             return
-        low = active.min()
+        low = batch_ops.global_min(codes.masked_fill(codes <= 0, float("inf")).min())
+        if torch.isinf(low):  # nothing fired in the whole batch
+            return
         beta = self.cfg.threshold_beta
         self.threshold.copy_(low if self.threshold < 0 else beta * self.threshold + (1 - beta) * low)
 
     def contrastive_loss(self, codes: Tensor) -> Tensor:
-        B, T, _ = codes.shape
+        """InfoNCE over pairs sampled for the global batch (this rank's share: rows [o, o + b))."""
+        b, T, _ = codes.shape
         if T < 2:
             return codes.new_zeros(())
-        seq, t, partner = sample_partners(B, T, self.cfg.partner, codes.device)
+        offset, sizes = batch_ops.rows(b, codes.device)
+        seq, t, partner = sample_partners(sum(sizes), T, self.cfg.partner, codes.device)
         if len(t) > self.cfg.contrastive_pairs:
             keep = torch.randperm(len(t), device=codes.device)[: self.cfg.contrastive_pairs]
             seq, t, partner = seq[keep], t[keep], partner[keep]
         high = codes[..., : self.n_high]
-        return info_nce(high[seq, t], high[seq, partner], seq, self.cfg.temperature, self.cfg.similarity)
+        if len(sizes) == 1:
+            return info_nce(high[seq, t], high[seq, partner], seq, self.cfg.temperature, self.cfg.similarity)
+        # each rank takes the pairs of its own rows; gathered in rank order they are the pairs
+        # sorted (stably) by owner, put back into the 1-process order by the inverse permutation
+        me = batch_ops.rank()
+        owner = torch.bucketize(seq, torch.tensor(sizes, device=seq.device).cumsum(0), right=True)
+        mine = (owner == me).nonzero().squeeze(1)
+        rows = seq[mine] - offset
+        pairs = torch.cat([high[rows, t[mine]], high[rows, partner[mine]]], -1)
+        pairs = batch_ops.gather_with_grad(pairs, int((owner < me).sum()), sum(sizes) / b)
+        pairs = pairs[torch.argsort(torch.argsort(owner, stable=True))]
+        anchor, partner_codes = pairs.split(self.n_high, dim=-1)
+        return info_nce(anchor, partner_codes, seq, self.cfg.temperature, self.cfg.similarity)
 
     def loss_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]) -> dict[str, Tensor]:
-        pre, codes = out.aux["pre"], out.codes
+        codes, _, terms = self.sparse_terms(x, out, coeffs)
         if self.training:
-            self.activity.update(codes)
             self._update_threshold(codes)
         H = self.n_high
         mse_high = reconstruction_mse(x, codes[..., :H] @ self.W_dec[:H] + self.b_dec)
-        mse = reconstruction_mse(x, out.x_hat)
         contrastive = self.contrastive_loss(codes)
-        dead = self.activity.dead_mask(self.cfg.dead_window_tokens)
-        k_aux = self.cfg.k_aux or self.cfg.d_in // 2
-        aux = auxk_loss(x - out.x_hat, pre, dead, k_aux, lambda z: z @ self.W_dec)
         w = self.cfg.high_weight
-        loss = (w * mse_high + (1 - w) * mse + coeffs.get("contrastive", self.cfg.contrastive) * contrastive
-                + coeffs.get("auxk", self.cfg.auxk) * aux)
-        l0 = (codes > 0).float().sum(-1).mean()
-        return {"loss": loss, "mse": mse, "matryoshka_high": mse_high, "contrastive": contrastive,
-                "auxk": aux, "l0": l0.detach(), "threshold": self.threshold.clone()}
+        loss = (w * mse_high + (1 - w) * terms["mse"] + coeffs.get("contrastive", self.cfg.contrastive)
+                * contrastive + coeffs.get("auxk", self.cfg.auxk) * terms["auxk"])
+        return {"loss": loss, **terms, "matryoshka_high": mse_high, "contrastive": contrastive,
+                "threshold": self.threshold.clone()}
 
     def saelens_export(self) -> tuple[str, dict, dict]:
         """At inference this is a JumpReLU SAE with one threshold for every latent."""

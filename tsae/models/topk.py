@@ -1,9 +1,13 @@
-"""TopK SAE (architecture "topk", Gao et al. 2024), plus the TopK and auxiliary-k helpers.
+"""TopK SAE (architecture "topk", Gao et al. 2024), and the k-sparse mechanism it shares with the T-SAE.
 
     pre   = (x - b_dec) @ W_enc + b_enc                   [B, T, d_sae]
     f     = TopK_k(ReLU(pre))   (the k largest per token kept, the rest zeroed)
     x_hat = f @ W_dec + b_dec                              [B, T, d_in]
     loss  = mean_tokens ||x - x_hat||^2 + auxk * L_aux
+
+BatchTopK (the T-SAE's training sparsifier) keeps the k * n_tokens largest entries of ReLU(pre) over
+the whole batch: every entry >= tau, tau = the (k * n_tokens)-th largest (ties at tau all kept).
+Under data parallelism tau is that of the global batch (batch_ops.kth_largest).
 
 Auxiliary-k loss against dead latents D (not fired in cfg.dead_window_tokens tokens):
     e     = stop_grad(x - x_hat)                           the residual
@@ -13,6 +17,8 @@ Auxiliary-k loss against dead latents D (not fired in cfg.dead_window_tokens tok
     L_aux = min(|D| / k_aux, 1) * mean_tokens ||e - z_aux @ W_dec||^2
             (gradient reaches dead latents only; the factor quiets it while few latents are dead)
 
+`KSparseSAE` holds what TopK and T-SAE share: the forward (training sparsifier `train_codes`,
+inference sparsifier `activation`), k for the step, firing statistics, MSE, aux-k and L0.
 coeffs["k"] overrides k for the step (k annealing): codes and x_hat are then recomputed from the
 pre-activations kept in out.aux["pre"], and the loss uses them.  coeffs["auxk"] weights L_aux
 (default cfg.auxk = 1/32).
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tsae.models import batch_ops
 from tsae.models.base import SAEOutput
 from tsae.models.registry import register
 from tsae.models.static import StaticSAE, StaticSAEConfig, reconstruction_mse
@@ -39,11 +46,13 @@ def topk_activation(pre: Tensor, k: int) -> Tensor:
 
 
 def batch_topk_activation(pre: Tensor, k: int) -> Tensor:
-    """BatchTopK: keep the k * n_tokens largest entries of ReLU(pre) over the whole batch [..., d_sae]."""
-    flat = pre.relu().reshape(-1)
-    n_keep = min(int(k) * (flat.numel() // pre.shape[-1]), flat.numel())
-    values, idx = flat.topk(n_keep, sorted=False)
-    return torch.zeros_like(flat).scatter(0, idx, values).reshape(pre.shape)
+    """BatchTopK over the (global) batch [..., d_sae]: ReLU(pre) where >= its (k * n_tokens)-th largest.
+
+    A collective under data parallelism: call it on every rank (training only)."""
+    f = pre.relu()
+    n_tokens = batch_ops.rows(f.numel() // f.shape[-1], f.device)[1]
+    tau = batch_ops.kth_largest(f.detach(), int(k) * sum(n_tokens))
+    return torch.where(f >= tau, f, 0.0)
 
 
 def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, k_aux: int,
@@ -75,38 +84,52 @@ class TopKConfig(StaticSAEConfig):
     auxk: float = 1 / 32
 
 
-@register
-class TopKSAE(StaticSAE):
-    architecture = "topk"
-    config_class = TopKConfig
+class KSparseSAE(StaticSAE):
+    """A static SAE with k-sparse codes and aux-k against dead latents (TopK, T-SAE); cfg: a TopKConfig."""
 
     @property
     def k_aux(self) -> int:
         return self.cfg.k_aux or self.cfg.d_in // 2
 
     def activation(self, pre: Tensor) -> Tensor:
+        """Inference sparsifier (per token, causal)."""
         return topk_activation(pre, self.cfg.k)
 
-    def saelens_export(self) -> tuple[str, dict, dict]:
-        return "topk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}, {}
+    def train_codes(self, pre: Tensor, k: int) -> Tensor:
+        """Training sparsifier at k."""
+        return topk_activation(pre, k)
 
     def forward(self, x: Tensor) -> SAEOutput:
         pre = self.pre_activations(x)
-        codes = self.activation(pre)
+        codes = self.train_codes(pre, self.cfg.k) if self.training else self.activation(pre)
         return SAEOutput(x_hat=self.decode(codes), codes=codes, aux={"pre": pre})
 
-    def loss_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]) -> dict[str, Tensor]:
+    def sparse_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]
+                     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(codes, x_hat, {"mse", "auxk" (unweighted), "l0", "dead_frac"}) at the step's k; in
+        training, the firing statistics are updated with the codes."""
         pre, codes, x_hat = out.aux["pre"], out.codes, out.x_hat
         k = int(coeffs.get("k", self.cfg.k))
         if k != self.cfg.k:
-            codes = topk_activation(pre, k)
+            codes = self.train_codes(pre, k) if self.training else topk_activation(pre, k)
             x_hat = self.decode(codes)
         if self.training:
             self.activity.update(codes)
         dead = self.activity.dead_mask(self.cfg.dead_window_tokens)
-        mse = reconstruction_mse(x, x_hat)
         aux = auxk_loss(x - x_hat, pre, dead, self.k_aux, lambda z: z @ self.W_dec)
-        loss = mse + coeffs.get("auxk", self.cfg.auxk) * aux
-        l0 = (codes > 0).float().sum(-1).mean()
-        return {"loss": loss, "mse": mse, "auxk": aux, "l0": l0.detach(),
-                "dead_frac": dead.float().mean()}
+        return codes, x_hat, {"mse": reconstruction_mse(x, x_hat), "auxk": aux,
+                              "l0": (codes > 0).float().sum(-1).mean().detach(),
+                              "dead_frac": dead.float().mean()}
+
+
+@register
+class TopKSAE(KSparseSAE):
+    architecture = "topk"
+    config_class = TopKConfig
+
+    def saelens_export(self) -> tuple[str, dict, dict]:
+        return "topk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}, {}
+
+    def loss_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]) -> dict[str, Tensor]:
+        _, _, terms = self.sparse_terms(x, out, coeffs)
+        return {"loss": terms["mse"] + coeffs.get("auxk", self.cfg.auxk) * terms["auxk"], **terms}

@@ -15,8 +15,10 @@ deterministic order) is cut into W contiguous shares, rank r taking rows [r B //
 
 Every loss term of every model is a mean over tokens (or over (token, latent) pairs), so
 sum_r n_r grad(mean_r) / N is the gradient of the global mean: 2 ranks reproduce 1 process up to
-floating-point summation order.  Batch-coupled objectives are the exception: the T-SAE's BatchTopK
-and InfoNCE negatives act within each rank's share.
+floating-point summation order.  Batch-coupled objectives (the T-SAE's BatchTopK threshold, its
+running-threshold minimum, its InfoNCE pairs and negatives) use tsae/models/batch_ops.py, which
+inside the loop (`global_trackers`) computes them over the global batch and routes the gradient of
+a global term to each rank's own rows, scaled by N / n_r to undo the token weighting above.
 
 Broadcast from rank 0: the initial weights (after b_dec init) and the input scale; after a revival,
 the revived model.  Rank 0 alone writes checkpoints, logs and the final SAE.  After the gradient
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tsae.models import batch_ops
 from tsae.models.activity import FiringTracker
 from tsae.models.lifecycle import LifecycleTracker
 
@@ -95,17 +98,7 @@ class DistInfo:
 
     def gather_rows(self, x: Tensor) -> Tensor:
         """Every rank's rows of x [n_r, ...] concatenated in rank order: the global batch."""
-        if not self.active:
-            return x
-        n = torch.tensor([x.shape[0]], device=x.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
-        dist.all_gather(sizes, n)
-        top = int(max(int(s) for s in sizes))
-        padded = x.new_zeros((top, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+        return batch_ops.all_gather_rows(x) if self.active else x
 
     @torch.no_grad()
     def reduce_step(self, params: Sequence[nn.Parameter], loss: Tensor, n_local: int) -> tuple[Tensor, int]:
@@ -126,19 +119,23 @@ class DistInfo:
             at += p.numel()
         return flat[-2] / n_global, round(n_global)
 
-    # ---- firing and lifecycle statistics over the global batch ---------------------------------
+    # ---- the global batch inside the model: trackers and batch-level operations ----------------
     @contextlib.contextmanager
     def global_trackers(self, model: nn.Module) -> Iterator[None]:
-        """While active, every FiringTracker / LifecycleTracker of `model` records the global batch
-        (see `_global_update`) instead of this rank's share."""
+        """While active, the model sees the global batch: every FiringTracker / LifecycleTracker of
+        `model` records it (see `_global_update`) instead of this rank's share, and batch-level
+        operations (BatchTopK, batch minima, InfoNCE pairs: tsae/models/batch_ops.py) act on it.
+        Every rank must then run the model in lockstep (a rank-0-only forward in training mode
+        would wait for the others)."""
         trackers = [m for m in model.modules() if isinstance(m, FiringTracker | LifecycleTracker)]
-        if not self.active or not trackers:
+        if not self.active:
             yield
             return
         for m in trackers:
             m.update = functools.partial(_global_update, m, m.update)
         try:
-            yield
+            with batch_ops.global_batch():
+                yield
         finally:
             for m in trackers:
                 del m.update
