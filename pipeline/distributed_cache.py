@@ -13,9 +13,9 @@ the same chunk file.
 
 Who writes what:
 
-- rank 0 alone creates the group and preallocates every array (capacity from max_tokens, else a
-  counting pass over the corpus), writes the root attributes and ``manifest.json``, and at the end
-  trims the arrays and marks the store complete;
+- rank 0 alone creates the group and preallocates every array (to the sequences the corpus gives:
+  from max_tokens when that is at most `PREALLOC_CHUNKS` chunks, else a counting pass), writes the
+  root attributes and ``manifest.json``, and at the end trims the arrays and marks the store complete;
 - every worker writes its chunks' data, then the chunk's record ``done/<c>.json`` (sha256 per array,
   float64 stat sums, who and when): one object per chunk, written by one process, after the data;
 - rank 0 folds records into ``manifest.json`` in chunk order (the single-process writer's prefix
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import itertools
 import os
 import re
 import socket
@@ -385,12 +386,14 @@ def _open_store(cfg, model, p, world_size: int) -> StoreWriter:
             docs = iter_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.config)
             return iter_sequences(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos, cfg.max_tokens)
 
-        first = next(seqs(), None)
-        if first is None:
+        head = list(itertools.islice(seqs(), chunk_seqs))
+        if not head:
             raise SourceError(f"{cfg.dataset} ({cfg.split}) yields no sequence of ctx={cfg.ctx} tokens")
-        runner._probe_shapes(model, np.asarray(first.tokens)[None, :2], p.hooks)
-        # capacity: max_tokens bounds the sequences; without it, a counting pass (tokeniser only)
-        capacity = -(-cfg.max_tokens // cfg.ctx) if cfg.max_tokens else sum(1 for _ in seqs())
+        runner._probe_shapes(model, np.asarray(head[0].tokens)[None, :2], p.hooks)
+        if len(head) < chunk_seqs and (inner is None or len(head) % inner == 0):
+            layout.chunk_seqs = capacity = len(head)  # the whole corpus in one chunk, as one process does
+        else:
+            capacity = _capacity(cfg, seqs, chunk_seqs)
     info = {"world_size": world_size, "partition": "chunk c -> worker c % world_size"}
     writer = StoreWriter.open(
         p.location,
@@ -402,6 +405,17 @@ def _open_store(cfg, model, p, world_size: int) -> StoreWriter:
     if writer.group.attrs.get("distributed") != info:
         writer.group.attrs.update({"distributed": info})
     return writer
+
+
+def _capacity(cfg, seqs, chunk_seqs: int) -> int:
+    """Sequences rank 0 preallocates.  The workers cannot grow the arrays, so every sequence of the
+    corpus must fit; finish() trims the rest, and zarr enumerates every chunk it trims, so never more
+    than the corpus gives: a bound of at most `PREALLOC_CHUNKS` chunks from ``max_tokens`` is taken
+    as is (cheap to trim), beyond that a counting pass (tokeniser only, stops at ``max_tokens``)."""
+    bound = -(-cfg.max_tokens // cfg.ctx) if cfg.max_tokens else None
+    if bound is not None and bound <= runner.PREALLOC_CHUNKS * chunk_seqs:
+        return bound
+    return sum(1 for _ in seqs())
 
 
 def _run_share(cfg, model, p, comm: Comm, writer: StoreWriter | None) -> dict:

@@ -4,6 +4,7 @@ S3-compatible server (moto, loopback) built by one process and by the share-writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -200,3 +201,31 @@ def test_stores_on_s3_single_process_and_by_shares(reference, tiny_model, s3):
     assert_same_store(ActivationStore.open(done.location), reference)
     s3.invalidate_cache()
     assert not s3.exists(f"tsae/dist/{reference.key}/{RECORDS}")
+
+
+# ------------------------------------------------------------------------------------ preallocation
+def test_rank0_preallocates_no_more_than_the_corpus_gives(tiny_model, tmp_cache_dir):
+    """A --max-tokens far beyond a small corpus: rank 0 preallocates the chunks the corpus fills (the
+    workers cannot grow the arrays, and finish() enumerates every chunk it trims), and a corpus
+    smaller than one chunk gets a chunk of its own size, as in a single-process build."""
+    import zarr
+
+    src = tmp_cache_dir.parent / "docs.txt"
+    src.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    cfg = CacheConfig(**{**SETTINGS, "max_tokens": 10**12}, dataset=str(src), split="all")
+    share = build_distributed(cfg, model=tiny_model, shard=(0, 2))  # rank 0's share: not finished
+    preallocated = zarr.open_group(share.location, mode="r")["tokens"].shape[0]
+    done = build_cache(cfg, model=tiny_model)
+    assert done.complete and done.n_seq > 8  # several chunks: the second share had work to do
+    assert preallocated == -(-done.n_seq // 8) * 8, (preallocated, done.n_seq)
+
+    src.write_text("The quick brown fox jumps over the lazy dog. " * 15)  # fewer than 8 sequences
+    cfg = dataclasses.replace(cfg, cache_dir=str(tmp_cache_dir.parent / "small"))
+    whole = build_distributed(cfg, model=tiny_model, shard=(0, 1))
+    single = build_cache(
+        dataclasses.replace(cfg, cache_dir=str(tmp_cache_dir.parent / "single")), model=tiny_model
+    )
+    assert whole.complete and 0 < whole.n_seq < 8
+    for name in ("tokens", ARRAYS[0]):
+        a, b = (zarr.open_group(r.location, mode="r")[name] for r in (whole, single))
+        assert a.chunks == b.chunks == (whole.n_seq, *a.shape[1:]) and np.array_equal(a[:], b[:]), name
