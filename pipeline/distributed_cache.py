@@ -60,7 +60,8 @@ from pipeline.store_layout import (
     write_key,
     zarr_store,
 )
-from pipeline.store_writer import FLUSH_OVERHEAD, BackgroundWriter, Chunk, Layout, StoreWriter
+from pipeline.store_lock import is_held, try_lock, unlock
+from pipeline.store_writer import FLUSH_OVERHEAD, BackgroundWriter, Chunk, Layout, StoreWriter, chunk_sums
 
 RECORDS = "done"  # folder of per-chunk records while a distributed build runs
 _RECORD_NAME = re.compile(r"^(\d{8})\.json$")  # not a writer's temporary file
@@ -239,13 +240,7 @@ class ShareWriter:
                 f"chunk {chunk.index} ends at sequence {start + n}, beyond the {self._capacity} "
                 "rank 0 preallocated; the corpus changed since the store was started"
             )
-        sums = {h: StatSums.of(a) for h, a in chunk.acts.items()}
-        for h, s in sums.items():
-            if not np.isfinite(s.sum).all() or not np.isfinite(s.sum_sq_norm):
-                raise StoreError(
-                    f"chunk {chunk.index} of {h} holds NaN/Inf (sequences {start}-{start + n - 1})"
-                    "; with --store-dtype float16 this means values beyond +-65504: use float32"
-                )
+        sums = chunk_sums(chunk, start)
         try:
             for name, data in chunk.arrays().items():
                 self._arrays[name][start : start + n] = data
@@ -481,7 +476,7 @@ def _run_share(cfg, model, p, comm: Comm, writer: StoreWriter | None) -> dict:
     except UserError as e:
         outcome["error"] = f"worker {rank}/{world}: {e}"
     finally:
-        _unlock(lock)
+        unlock(lock)
     return outcome
 
 
@@ -569,41 +564,14 @@ def _lock_share(location, rank: int, world: int, attrs) -> int | None:
     dies); refuses a share of another W while the builder lock shows a job with that other W runs."""
     if not isinstance(location, Path):
         return None
-    import fcntl
-
     running = attrs.get("distributed", {}).get("world_size")
-    if rank > 0 and running not in (None, world) and _held(location / LOCK_FILE):
+    if rank > 0 and running not in (None, world) and is_held(location / LOCK_FILE):
         raise StoreError(
             f"a build with {running} workers is running on {location}; its shares are r/{running}"
         )
-    fd = os.open(location / f"{LOCK_FILE}.{rank}", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise StoreError(f"another process is computing share {rank}/{world} of {location}") from None
-    return fd
-
-
-def _held(path: Path) -> bool:
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
+    return try_lock(
+        location / f"{LOCK_FILE}.{rank}", f"another process is computing share {rank}/{world} of {location}"
+    )
 
 
 # ------------------------------------------------------------------------------------- the launcher

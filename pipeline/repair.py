@@ -62,17 +62,17 @@ class RepairReport:
 
 def repair_store(path_or_key, cache_dir=None, *, model=None, device: str = "auto") -> RepairReport:
     """Repair the store in place (see module); ``model`` may be a preloaded `LoadedModel`."""
-    from pipeline.store_writer import _lock, _unlock
+    from pipeline.store_lock import lock_builder, unlock
 
     t0 = time.perf_counter()
     location = resolve(path_or_key, cache_dir)
     if read_attrs(location) is None:
         raise StoreError(f"no activation store at {location}")
-    lock = _lock(location)
+    lock = lock_builder(location)
     try:
         report = _repair(location, cache_dir, model, device)
     finally:
-        _unlock(lock)
+        unlock(lock)
     report.seconds = time.perf_counter() - t0
     return report
 

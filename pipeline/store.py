@@ -351,9 +351,9 @@ def remove(path_or_key, cache_dir=None) -> str | Path:
     if isinstance(location, Path):
         import shutil
 
-        from pipeline.store_writer import _lock, _unlock
+        from pipeline.store_lock import lock_builder, unlock
 
-        _unlock(_lock(location))  # refuses while a build holds the lock
+        unlock(lock_builder(location))  # refuses while a build holds the lock
         shutil.rmtree(location)
     else:
         import fsspec.core

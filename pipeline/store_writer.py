@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +35,6 @@ from pipeline.errors import StoreError
 from pipeline.store_layout import (
     DOC_ID,
     DOC_OFFSET,
-    LOCK_FILE,
     MANIFEST_KEY,
     STATUS_BUILDING,
     STATUS_COMPLETE,
@@ -53,6 +50,7 @@ from pipeline.store_layout import (
     write_key,
     zarr_store,
 )
+from pipeline.store_lock import lock_builder, unlock
 
 FLUSH_OVERHEAD = 0.02  # at most this share of wall time goes to rewriting the manifest
 
@@ -71,6 +69,19 @@ class Chunk:
         out = {acts_name(h): a for h, a in self.acts.items()}
         out.update({TOKENS: self.tokens, DOC_ID: self.doc_id, DOC_OFFSET: self.doc_offset})
         return out
+
+
+def chunk_sums(chunk: Chunk, start: int) -> dict[str, StatSums]:
+    """Each hook's float64 stat sums over ``chunk`` (whose first sequence is ``start``), checked: a
+    chunk holding NaN/Inf is refused before any of it is written (every writer calls this)."""
+    sums, end = {h: StatSums.of(a) for h, a in chunk.acts.items()}, start + len(chunk.tokens) - 1
+    for h, s in sums.items():
+        if not np.isfinite(s.sum).all() or not np.isfinite(s.sum_sq_norm):
+            raise StoreError(
+                f"chunk {chunk.index} of {h} holds NaN/Inf (sequences {start}-{end})"
+                "; with --store-dtype float16 this means values beyond +-65504: use float32"
+            )
+    return sums
 
 
 @dataclass
@@ -126,7 +137,7 @@ class StoreWriter:
         import zarr
 
         location = normalise(location)
-        lock_fd = _lock(location)
+        lock_fd = lock_builder(location)
         try:
             store = zarr_store(location, read_only=False)
             if read_key(store, "zarr.json") is not None:
@@ -163,19 +174,19 @@ class StoreWriter:
             write_key(store, MANIFEST_KEY, manifest.to_bytes())
             return cls(location, group, manifest, layout, lock_fd)
         except OSError as e:  # e.g. the disk filled while the arrays were created: nothing was completed
-            _unlock(lock_fd)
+            unlock(lock_fd)
             full = "disk full" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e})"
             raise StoreError(
                 f"{full} while opening the store in {location}; rerun the same command to resume"
                 + (" after freeing space" if e.errno == errno.ENOSPC else "")
             ) from None
         except (ValueError, TypeError, KeyError, AttributeError) as e:  # zarr on damaged metadata
-            _unlock(lock_fd)
+            unlock(lock_fd)
             raise StoreError(
                 f"{location} is damaged ({type(e).__name__} reading its metadata); remove it and build again"
             ) from None
         except BaseException:
-            _unlock(lock_fd)
+            unlock(lock_fd)
             raise
 
     @property
@@ -191,13 +202,7 @@ class StoreWriter:
         start = chunk.index * m.chunk_seqs
         arrays = chunk.arrays()
         n = len(chunk.tokens)
-        sums = {h: StatSums.of(a) for h, a in chunk.acts.items()}
-        for h, s in sums.items():
-            if not np.isfinite(s.sum).all() or not np.isfinite(s.sum_sq_norm):
-                raise StoreError(
-                    f"chunk {chunk.index} of {h} holds NaN/Inf (sequences {start}-{start + n - 1})"
-                    f"; with --store-dtype float16 this means values beyond +-65504: use float32"
-                )
+        sums = chunk_sums(chunk, start)
         try:
             self._ensure_capacity(start + n)
             for name, data in arrays.items():
@@ -257,7 +262,7 @@ class StoreWriter:
         except StoreError:
             pass
         finally:
-            _unlock(self._lock_fd)
+            unlock(self._lock_fd)
             self._lock_fd = None
 
     def _ensure_capacity(self, n: int) -> None:
@@ -321,30 +326,6 @@ def _io_error(e: OSError, what: str, writer: StoreWriter) -> StoreError:
     if e.errno == errno.ENOSPC:
         return StoreError(f"disk full while {what} in {writer.location}: {kept} after freeing space")
     return StoreError(f"cannot write {writer.location} ({what}): {e.strerror or e}; {kept}")
-
-
-def _lock(location) -> int | None:
-    """Exclusive, non-blocking flock for a local store (created if needed); None for URL stores."""
-    if not isinstance(location, Path):
-        return None
-    try:
-        location.mkdir(parents=True, exist_ok=True)
-        fd = os.open(location / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise StoreError(f"cannot create store {location}: {e.strerror or e}") from None
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise StoreError(f"another process is building {location}; wait for it or stop it") from None
-    return fd
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 # ---------------------------------------------------------------------------------- writer thread
