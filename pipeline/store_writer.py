@@ -377,3 +377,10 @@ class BackgroundWriter:
         self._thread.join()
         self._check()
         self.writer.flush(force=True)
+
+    def close_after_error(self) -> None:
+        """`close` when the caller is already raising: a write failure here is secondary, dropped."""
+        try:
+            self.close()
+        except BaseException:
+            pass
