@@ -66,7 +66,7 @@ def main() -> None:
             model.set_coeffs({"gate_open": 1.0})
             with torch.no_grad():  # open the bridges so every temporal op is really exercised
                 model.bridge.lam.fill_(0.1)
-                model.bridge.rho.fill_(0.1)
+                model.bridge.rho.fill_(0.1)  # per feature: the decoder carries codes
             t = step_time(model, x, {"gate_open": 1.0}, a.reps)
             ratios.append(t_static / t)
             print(f"tsae h={h} w={w}: {t * 1e3:.0f} ms CPU, throughput ratio {ratios[-1]:.2f}")

@@ -72,24 +72,33 @@ def test_tsae_recovers(data, topk):
 
 HARD = dict(d=32, n_feat=48, n_seq=256, seq_len=64, seed=0, rate=0.07, amp_persistent=(0.4, 0.8),
             noise_std=0.1, lifetime_persistent=12)
+SAME_BATCHES = dict(batch_windows=16, window=32)  # every arm: 512 tokens per step, same step count
+TSAE_PHASES = dict(distill_tokens=30_000, introduce_tokens=90_000, refine_tokens=180_000)
 
 
 def _hard_case(seed: int = 0):
     """Capacity pressure: true L0 ~ 4.6 > k = 3, persistent features weaker (amplitude 0.4-0.8 vs
-    0.5-1.5) and longer-lived (mean run 12).  Both arms get the same k and the same total tokens: a topk
-    SAE trained 150k tokens, then either 150k more static tokens or 150k tokens of the three TSAE phases.
+    0.5-1.5) and longer-lived (mean run 12).  Equal k, tokens and batch shape for every arm:
+
+      static  a TopK SAE trained 900k tokens from scratch;
+      tsae    a TopK SAE trained 600k tokens, then 300k tokens of the three TSAE phases (10/30/60%);
+      no_dec  the same TSAE without its temporal decoder (the ablation that locates the gain).
+
+    The static SAE is close to converged here (600k -> 900k tokens adds +0.003..+0.015 persistent
+    recovery over seeds 0-3), so the comparison is not against an undertrained baseline.
     """
     hard = {**HARD, "seed": seed} if seed else HARD
     data = generate(**hard)
     x_val = torch.from_numpy(generate(**{**hard, "n_seq": 320}).acts[256:])  # same dictionary, new sequences
-    base = {**BASE, "k": 3, "n_tokens": 150_000}
-    start = train_static(StaticTrainerConfig(**base), data.acts)
-    static = train_static(StaticTrainerConfig(**{**base, "n_tokens": 300_000}), data.acts)
-    cfg = TSAETrainerConfig(k=3, distill_tokens=20_000, introduce_tokens=50_000, refine_tokens=80_000,
-                            memory_window=4, lstm_hidden=16, lr=3e-3, batch_windows=16, window=32,
-                            log_every=25, progress=False, dead_window_tokens=20_000)
-    tsae = train_tsae(cfg, data.acts, static=start.sae)
-    return data, x_val, static.sae, tsae.sae
+    base = {**BASE, **SAME_BATCHES, "k": 3}
+    start = train_static(StaticTrainerConfig(**{**base, "n_tokens": 600_000}), data.acts)
+    static = train_static(StaticTrainerConfig(**{**base, "n_tokens": 900_000}), data.acts)
+    arms = {}
+    for name, kwargs in {"tsae": {}, "no_dec": {"use_temporal_decoder": False}}.items():
+        cfg = TSAETrainerConfig(k=3, **TSAE_PHASES, memory_window=4, lstm_hidden=16, lr=3e-3, **SAME_BATCHES,
+                                log_every=25, progress=False, dead_window_tokens=20_000, model_kwargs=kwargs)
+        arms[name] = train_tsae(cfg, data.acts, static=start.sae).sae
+    return data, x_val, static.sae, arms
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +107,23 @@ def hard_case():
 
 
 def test_tsae_reconstructs_held_out_sequences_better_at_equal_k_and_tokens(hard_case):
-    """Measured over data seeds 0-3 (h = 16): held-out FVU TSAE 0.277 / 0.274 / 0.279 / 0.258 vs
-    static 0.286 / 0.283 / 0.292 / 0.269 (h = 32: 0.273 / 0.272 / 0.274 / 0.255)."""
-    data, x_val, static, tsae = hard_case
-    assert fvu(tsae, x_val.numpy()) < fvu(static, x_val.numpy()) - 0.005  # 0.2774 vs 0.2855 (seed 0)
+    """Measured over data seeds 0-3: held-out FVU TSAE 0.234 / 0.230 / 0.239 / 0.221 vs static
+    0.262 / 0.257 / 0.268 / 0.249; without the temporal decoder 0.264 / 0.258 (seeds 0, 1)."""
+    data, x_val, static, arms = hard_case
+    assert fvu(arms["tsae"], x_val.numpy()) < fvu(static, x_val.numpy()) - 0.01
 
 
-@pytest.mark.xfail(strict=True, reason="not achieved: TSAE - static persistent recovery measured -0.005, "
-                   "-0.008, +0.000, -0.004 over data seeds 0-3 (h=16); see docs/training.md")
 def test_tsae_beats_static_on_persistent_features_at_equal_k(hard_case):
-    """The issue's requirement: better recovery of the *persistent* features at equal L0.  An earlier
-    version measured +0.019..+0.034, but that came with a bug (every introduce-phase step ran the
-    forward twice); with the fix the TSAE is level or slightly behind, while still reconstructing
-    held-out data better (above).  Kept strict so it turns red once the TSAE really wins."""
-    data, x_val, static, tsae = hard_case
-    groups = {"persistent": data.persistent}
-    r_t = recovery(data.dictionary, tsae.dictionary.detach(), groups)
-    r_s = recovery(data.dictionary, static.dictionary.detach(), groups)
-    assert r_t["mmcs/persistent"] - r_s["mmcs/persistent"] > 0.01, (r_t, r_s)
+    """The issue's requirement: better recovery of the *persistent* features at equal L0 (k = 3 codes
+    per token for both).  TSAE - static, mean max cosine over the persistent features, measured
+    over data seeds 0-3: +0.019 / +0.022 / +0.019 / +0.024 (0.966 vs 0.947 at seed 0).  The
+    transient features stay level (0.996 vs 0.994).  The gain comes from the temporal decoder, which
+    reconstructs through the dictionary rows (carry_decoder.py): without it the TSAE is level with
+    the static SAE (+0.004 / +0.001, seeds 0, 1)."""
+    data, x_val, static, arms = hard_case
+    groups = {"persistent": data.persistent, "transient": ~data.persistent}
+    rec = {name: recovery(data.dictionary, sae.dictionary.detach(), groups)
+           for name, sae in {"static": static, **arms}.items()}
+    assert rec["tsae"]["mmcs/persistent"] - rec["static"]["mmcs/persistent"] > 0.01, rec
+    assert rec["tsae"]["mmcs/persistent"] - rec["no_dec"]["mmcs/persistent"] > 0.008, rec
+    assert rec["tsae"]["mmcs/transient"] > rec["static"]["mmcs/transient"] - 0.005, rec

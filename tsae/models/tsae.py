@@ -13,13 +13,20 @@ Shapes: x [B, T, d], F = d_sae, h = lstm_hidden, w = window, k = TopK.  For ever
   encoder bridge (bridge.py)
     pre_t   = s_t + lambda * g_t * tau_t                                 [F]     lambda [F], init 0
     f_t     = TopK_k(ReLU(pre_t))                                        the codes
-  decoder: static dictionary + a memory of the final codes up to and including t
+  decoder (carry_decoder.py): the static dictionary, applied to the codes plus carried ones
+    mu_t    = (1/w) sum_{j<w} f_{t-j}                                    [F]     window mean of codes
     d_t     = LSTM_dec(Q^T f_{t-w+1}, ..., Q^T f_t)                      [h]     Q [F, h]
-    x_hat_t = f_t @ W_dec + b_dec + gate_open * rho * (d_t @ C)          [d]     C [h, d], rho [d] init 0
+    r_t     = sigma(d_t @ W_r + b_r)                                     [F]     carry gates
+    p_t     = ReLU(d_t @ W_p + b_p)                                      [F]     predicted codes
+    c_t     = gate_open * rho * (r_t * mu_t + p_t) * 1[f_t = 0]          [F]     rho [F], init 0
+    x_hat_t = (f_t + c_t) @ W_dec + b_dec                                [d]
 
 Receptive fields: f_t reads x_{t-w..t}; x_hat_t reads x_{t-2w+1..t} (its window of codes, each of
-which reads w back).  Both are causal.  Because the memory reads the *static* codes, which need
-no recurrence, the whole sequence trains in parallel (no T sequential TopKs).
+which reads w back).  Both are causal.  L0 counts the codes f_t; c_t is a function of the codes in
+the window, adds no information per token, and its size is logged (`carried`).
+
+Because the encoder memory reads the *static* codes, which need no recurrence, the whole sequence
+trains in parallel (no T sequential TopKs).
 
 Exact static limit: while gate_open == 0 the temporal terms are not computed at all, so codes and
 x_hat are bitwise those of the static TopK SAE with the same weights.  With the bridges at their
@@ -33,7 +40,7 @@ Training coefficients (coeffs, all optional; the trainer should call `set_coeffs
     distill    weight of ||f - f_teacher||^2 + ||x_hat - x_hat_teacher||^2 (default cfg.distill)
                teacher = out.aux["teacher_codes"/"teacher_x_hat"] if the trainer put a frozen
                static SAE's outputs there, else this model's own static path (detached)
-    gate_l1    weight of the mean gate value (default cfg.gate_l1)
+    gate_l1    weight of the mean encoder gate value (default cfg.gate_l1)
 loss = mse + auxk * L_aux + distill * L_distill + gate_l1 * mean(g);  mse as for static SAEs
 (mean over tokens of the sum over d).
 
@@ -53,6 +60,7 @@ from torch import Tensor, nn
 
 from tsae.models.base import SAEOutput
 from tsae.models.bridge import Bridge
+from tsae.models.carry_decoder import CarryDecoder
 from tsae.models.lifecycle import LifecycleTracker
 from tsae.models.lstm_gates import TemporalGates, lifecycle_input
 from tsae.models.registry import register
@@ -89,10 +97,9 @@ class TemporalSAE(StaticSAE):
             self.enc_memory = WindowMemory(F, include_current=False, **memory)
             self.gates = TemporalGates(F, h, use_gates=cfg.use_gates,
                                        use_lifecycle_input=cfg.use_lifecycle_input)
-            self.bridge = Bridge(F, d, learned=cfg.use_bridge, decoder=cfg.use_temporal_decoder)
+            self.bridge = Bridge(F, learned=cfg.use_bridge, decoder=cfg.use_temporal_decoder)
             if cfg.use_temporal_decoder:
-                self.dec_memory = WindowMemory(F, include_current=True, **memory)
-                self.C = nn.Parameter(torch.randn(h, d) / math.sqrt(h))
+                self.carry = CarryDecoder(F, **memory)
         self.register_buffer("gate_open", torch.zeros(()))
         self.lifecycle = LifecycleTracker(F)
         self.k_step: int | None = None  # set by set_coeffs for k annealing
@@ -119,7 +126,7 @@ class TemporalSAE(StaticSAE):
         return [getattr(self, n) for n in self.STATIC_PARAMS]
 
     def temporal_parameters(self) -> list[nn.Parameter]:
-        """Everything the static SAE does not have: memories, gates, bridges, C."""
+        """Everything the static SAE does not have: memories, gates, bridges."""
         return [p for n, p in self.named_parameters() if n not in self.STATIC_PARAMS]
 
     # ---- schedule ----------------------------------------------------------------------------
@@ -158,11 +165,15 @@ class TemporalSAE(StaticSAE):
     def encode(self, x: Tensor) -> Tensor:
         return self._encode(x)[0]
 
+    def carried(self, codes: Tensor) -> Tensor | None:
+        """c [B, T, F], the coefficients the temporal decoder adds to `codes` (None when shut)."""
+        if not (self.cfg.use_temporal_decoder and self.temporal_open):
+            return None
+        return self.carry(codes, self.bridge.decoder_gain(self.gate_open))
+
     def decode(self, codes: Tensor) -> Tensor:
-        x_hat = super().decode(codes)
-        if self.cfg.use_temporal_decoder and self.temporal_open:
-            x_hat = x_hat + self.dec_memory(codes) @ (self.C * self.bridge.decoder_gain(self.gate_open))
-        return x_hat
+        c = self.carried(codes)
+        return super().decode(codes if c is None else codes + c)
 
     def forward(self, x: Tensor) -> SAEOutput:
         codes, pre, f_s, g = self._encode(x)
@@ -170,7 +181,11 @@ class TemporalSAE(StaticSAE):
                "k": torch.tensor(self.k)}
         if g is not None:
             aux["gates"] = g  # sigma(gate logits); g_t = gate_open * aux["gates"]
-        return SAEOutput(x_hat=self.decode(codes), codes=codes, aux=aux)
+        c = self.carried(codes)
+        if c is not None:
+            aux["carried"] = c
+        x_hat = StaticSAE.decode(self, codes if c is None else codes + c)
+        return SAEOutput(x_hat=x_hat, codes=codes, aux=aux)
 
     # ---- training ----------------------------------------------------------------------------
     @property
@@ -212,7 +227,19 @@ class TemporalSAE(StaticSAE):
         loss = mse + float(coeffs.get("auxk", cfg.auxk)) * aux + w_distill * distill + w_gate * gate_l1
         return {"loss": loss, "mse": mse, "auxk": aux, "distill": distill, "gate_l1": gate_l1,
                 "l0": active.sum(-1).float().mean(), "gate_mean": gate_mean,
-                "dead_frac": dead.float().mean()}
+                "dead_frac": dead.float().mean(), **self._carry_stats(out, codes)}
+
+    @staticmethod
+    def _carry_stats(out: SAEOutput, codes: Tensor) -> dict[str, Tensor]:
+        """carried: features per token the decoder keeps on with strength > 1% of the mean code;
+        carry_share: the carried coefficients' share of all coefficients (both 0 when shut)."""
+        c = out.aux.get("carried")
+        if c is None:
+            return {"carried": codes.new_zeros(()), "carry_share": codes.new_zeros(())}
+        c, codes = c.detach(), codes.detach()
+        mean_code = codes.sum() / (codes > 0).sum().clamp(min=1)
+        return {"carried": (c.abs() > 0.01 * mean_code).sum(-1).float().mean(),
+                "carry_share": c.abs().sum() / (codes.sum() + c.abs().sum()).clamp(min=1e-12)}
 
     def _distill(self, out: SAEOutput) -> Tensor:
         teacher_codes = out.aux.get("teacher_codes")
@@ -224,13 +251,6 @@ class TemporalSAE(StaticSAE):
         return reconstruction_mse(teacher_codes, out.codes) + reconstruction_mse(teacher_x_hat, out.x_hat)
 
     @torch.no_grad()
-    def fold_input_scale(self, s: float) -> None:
-        """Static maps as StaticSAE; the temporal decoder's correction is in input units: C /= s."""
-        super().fold_input_scale(s)
-        if self.cfg.use_temporal_decoder:
-            self.C.div_(s)
-
-    @torch.no_grad()
     def revive_dead(self, mask: Tensor, x_sample: Tensor, encoder_scale: float = 1.0) -> int:
         """Point dead latents at what the model reconstructs worst; returns how many were revived.
 
@@ -238,7 +258,8 @@ class TemporalSAE(StaticSAE):
         with probability proportional to its squared reconstruction error; the latent's decoder row
         becomes that token's residual direction (at the alive rows' mean norm), its encoder column
         the same direction (tied, at encoder_scale x the alive columns' mean norm), b_enc = 0, and
-        its temporal parameters return to their closed init (lambda = 0, b_g = v = 0).  Its firing
+        its temporal parameters return to their closed init (lambda = rho = 0, b_g = b_r = v = 0,
+        b_p = -1).  Its firing
         and lifecycle history are reset.  The trainer should also reset the optimiser state of the
         revived rows.
         """
@@ -260,6 +281,11 @@ class TemporalSAE(StaticSAE):
         self.b_enc[idx] = 0.0
         if self.cfg.use_bridge:
             self.bridge.lam[idx] = 0.0
+            if self.cfg.use_temporal_decoder:
+                self.bridge.rho[idx] = 0.0
+        if self.cfg.use_temporal_decoder:
+            self.carry.b_r[idx] = 0.0
+            self.carry.b_p[idx] = -1.0
         if self.cfg.use_gates:
             self.gates.b_g[idx] = 0.0
             if self.cfg.use_lifecycle_input:

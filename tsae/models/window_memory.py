@@ -9,6 +9,8 @@ Each position's code is projected once, then every position reads a window of it
     m_t   = LSTM(M_t) final hidden state             (use_lstm, from a zero state)      [B, T, h]
           = tanh(mean_w(M_t) @ A + a)                (no LSTM: a bag of recent codes)    [B, T, h]
 
+`window_sum(u, w)` is the per-feature counterpart without projection: sum_{j<w} u_{t-j} [B, T, F].
+
 The LSTM runs over all B*T windows at once (w sequential steps of [B*T, h] matmuls), so there is
 no loop over positions and training is as parallel as for a static SAE.
 """
@@ -26,6 +28,32 @@ def causal_windows(u: Tensor, window: int, include_current: bool) -> Tensor:
     padded = F.pad(u, (0, 0, lag, 0))  # padded[:, lag + t] = u[:, t]
     windows = padded.unfold(1, window, 1)[:, : u.shape[1]]  # [B, T, h, w], window s = padded[s : s + w]
     return windows.transpose(-1, -2)
+
+
+def shifted(u: Tensor, lag: int) -> Tensor:
+    """u [B, T, ...] delayed by lag positions along T (zeros enter at the start)."""
+    if lag == 0:
+        return u
+    return F.pad(u, (0,) * (2 * (u.dim() - 2)) + (lag, 0))[:, : u.shape[1]]
+
+
+def window_sum(u: Tensor, window: int) -> Tensor:
+    """sum_{j=0..w-1} u_{t-j} for every t (zero-padded): u [B, T, F] -> [B, T, F].
+
+    Built from sums over blocks of 1, 2, 4, ... positions (doubling), so it costs O(log w) passes
+    and, unlike a difference of cumulative sums, every output is a sum of its own window's entries
+    only: nothing outside the window changes it, even by rounding.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    total, covered, block, size = None, 0, u, 1  # block_t = sum of the `size` positions ending at t
+    while True:
+        if window & size:
+            part = shifted(block, covered)
+            total, covered = (part if total is None else total + part), covered + size
+        if 2 * size > window:
+            return total
+        block, size = block + shifted(block, size), 2 * size
 
 
 class WindowMemory(nn.Module):
