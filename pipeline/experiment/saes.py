@@ -57,8 +57,11 @@ def trainer_fields(plan: ExperimentPlan, variant: Variant, seed: int, token_scal
 
 def sae_key(store_key: str, hook: str, variant: Variant, static: dict, tsae: dict, teacher_key: str | None,
             val_fraction: float) -> str:
+    from tsae.models.registry import sae_class
+
     volatile = {"progress", "device", "log_every", "checkpoint_every"}
     doc = {"store": store_key, "hook": hook, "architecture": variant.architecture,
+           "format": sae_class(variant.architecture).format_version,
            "static": {k: v for k, v in static.items() if k not in volatile},
            "tsae": {k: v for k, v in tsae.items() if k not in volatile},
            "teacher": teacher_key, "val_fraction": val_fraction}

@@ -64,6 +64,8 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = "base"
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     is_temporal: ClassVar[bool] = False
+    # bumped when a change to the maps means weights trained before no longer fit (cached SAEs retrain)
+    format_version: ClassVar[int] = 1
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

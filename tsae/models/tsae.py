@@ -87,6 +87,7 @@ class TemporalSAE(StaticSAE):
     architecture = "tsae"
     config_class = TSAEConfig
     is_temporal = True
+    format_version = 2  # 2: the decoder carries codes through W_dec (was: a dense d_t @ C)
 
     def __init__(self, cfg: TSAEConfig):
         super().__init__(cfg)
