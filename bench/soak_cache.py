@@ -2,7 +2,8 @@
 
 Every trial builds the same key (tiny model, layer 1, 96 sequences of 32 tokens in 12 chunks) in
 forked processes running the real `tsae-cache` CLI, injects one fault kind, then finishes in this
-process and compares the result with a fault-free reference (`tests/reliability/cache_faults.py`):
+process and compares the result with a fault-free reference (`tests/reliability/cache_faults.py`,
+with `forked_cli.py` and `store_compare.py` beside it):
 
 - ``kill9``   SIGKILL at a random instant of the build, 1-3 times in a row (later kills hit the
               resuming build), then resume;

@@ -1,15 +1,11 @@
 """Fault injection for the activation cache, shared by `test_cache_crash.py` and `bench/soak_cache.py`.
 
 A `Rig` holds the tiny model, loaded once, and a reference store built without faults.  Each fault
-kind runs real builds (or repairs) of the same key in *forked* processes that run the real CLI
-(`pipeline.cli_cache.main`) with the preloaded model (forking costs ~50 ms where a fresh interpreter
-costs ~10 s), injects its fault, then finishes the work in this process and checks the outcome.
-
-While a Rig is open torch runs on one thread in this process (`close()` restores the count), so
-every fork inherits one thread: torch's CPU kernels use GNU OpenMP, which is not fork-safe, and a
-child forked after this process ran a multi-threaded kernel hangs at its own first one.  With
-``OMP_NUM_THREADS`` unset (a plain ``make test``) every forked build hung; one thread everywhere
-also keeps the children's activations bit-equal to the in-process reference and resumes.
+kind runs real builds (or repairs) of the same key in forked processes that run the real CLI
+(`forked_cli`), injects its fault, then finishes the work in this process and checks the outcome
+against the reference (`store_compare`).  While a Rig is open torch runs on one thread in this
+process (`close()` restores the count): forks must inherit one thread (see `forked_cli`), and one
+thread everywhere keeps the children's activations bit-equal to the reference and the resumes.
 
 - ``kill9``: SIGKILL the build at a random instant (uniform over a build's duration), ``kills``
   times in a row (each later kill hits a resuming build); then resume to the end.
@@ -30,9 +26,7 @@ sequences that differ from the reference at the end: it must be 0.
 
 from __future__ import annotations
 
-import errno
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -45,102 +39,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from forked_cli import Child, cli_args, fork_cli
+from store_compare import TINY, chunk_file, differences, refusals, snapshot, wrong_seqs
 
 from pipeline import paths
 from pipeline.cache_runner import CacheConfig, build_cache
-from pipeline.errors import StoreError
-from pipeline.store import ActivationStore
 from pipeline.store_layout import array_names
 from pipeline.verify import verify_store
 
-TINY = dict(model="tiny", ctx=32, max_tokens=32 * 96, chunk_seqs=8, batch_size=4, progress=False)
 KINDS = ("kill9", "sigint", "enospc", "corrupt", "race")
 
 
-def cli_args(cfg: CacheConfig) -> list[str]:
-    return [
-        "build",
-        *("--model", cfg.model, "--ctx", str(cfg.ctx), "--max-tokens", str(cfg.max_tokens)),
-        *("--chunk-seqs", str(cfg.chunk_seqs), "--batch-size", str(cfg.batch_size)),
-        *("--no-progress", "--cache-dir", str(cfg.cache_dir)),
-    ]
-
-
-# --------------------------------------------------------------------------------------- children
-def _child(args: list[str], model, log: str, slow_s: float, fault: tuple | None, ready) -> None:
-    """Runs in the forked process: the real CLI with the preloaded model and the injected fault.
-
-    fault: None; ``("enospc", k)``: every file write from the k-th on fails with ENOSPC;
-    ``("kill", k, where)``: SIGKILL itself at the k-th file write, ``before`` it, ``after`` it, or
-    ``mid``-way (half the bytes in zarr's temporary file, not yet renamed into place);
-    ``("sigint", k)``: Ctrl-C right after the k-th file write.
-    """
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest may have replaced
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115  the objects, not the fds)
-    from pipeline import models
-
-    models.load_model = lambda *a, **k: model
-    if slow_s:
-        forward = models.LoadedModel.run_to_hooks
-
-        def slow(self, tokens, hooks):
-            time.sleep(slow_s)
-            return forward(self, tokens, hooks)
-
-        models.LoadedModel.run_to_hooks = slow
-    if fault is not None:
-        import zarr.storage._local as local
-
-        real_put, count = local._put, [0]
-
-        def put(path, value, exclusive=False):
-            count[0] += 1
-            if fault[0] == "enospc" and count[0] > fault[1]:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            if fault[0] == "kill" and count[0] == fault[1] and fault[2] != "after":
-                if fault[2] == "mid":
-                    data = bytes(value.as_buffer_like())
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.with_suffix(".0123abcd.partial").write_bytes(data[: len(data) // 2])
-                os.kill(os.getpid(), signal.SIGKILL)
-            n = real_put(path, value, exclusive=exclusive)
-            if fault[0] in ("kill", "sigint") and count[0] == fault[1]:
-                os.kill(os.getpid(), signal.SIGKILL if fault[0] == "kill" else signal.SIGINT)
-            return n
-
-        local._put = put
-    from pipeline.cli_cache import main
-
-    ready.set()  # the parent's clock starts here, not during fork's own bookkeeping
-    main(args)
-
-
-@dataclass
-class Child:
-    proc: multiprocessing.Process
-    log: Path
-    started: float
-
-    def stop(self, sig: int | None, after_s: float) -> int:
-        """Send ``sig`` ``after_s`` seconds after the start (unless it ended); wait; the exit code."""
-        self.proc.join(timeout=max(0.0, self.started + after_s - time.perf_counter()))
-        if sig is not None and self.proc.is_alive():
-            os.kill(self.proc.pid, sig)
-        self.proc.join(timeout=120)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-            raise RuntimeError(f"child {self.proc.pid} hung; log: {self.text()[-500:]}")
-        return self.proc.exitcode
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-# --------------------------------------------------------------------------------------- the rig
 @dataclass
 class Trial:
     kind: str
@@ -191,21 +100,9 @@ class Rig:
         return self._home(f"t{self._n:03d}")
 
     def start(self, args: list[str], *, slow: bool = True, fault: tuple | None = None) -> Child:
-        if torch.get_num_threads() != 1:  # fail now, not after the child's 120 s hang
-            raise RuntimeError("forking with more than one torch thread hangs the child; is the Rig closed?")
         self._n += 1
         log = self.root / f"child{self._n:03d}.log"
-        ctx = multiprocessing.get_context("fork")
-        ready = ctx.Event()
-        proc = ctx.Process(
-            target=_child,
-            args=(args, self.model, str(log), self.slow_s if slow else 0.0, fault, ready),
-        )
-        proc.start()
-        if not ready.wait(timeout=60):
-            proc.kill()
-            raise RuntimeError("a forked child never started")
-        return Child(proc, log, time.perf_counter())
+        return fork_cli(args, self.model, log, self.slow_s if slow else 0.0, fault)
 
     def _calibrate(self) -> tuple[float, int]:
         """Seconds of one slowed child build, and the file writes of one build (for ENOSPC)."""
@@ -250,7 +147,7 @@ class Rig:
             trial.failures.append(f"temporary files left in the store: {stray[:3]}")
         if problems:
             trial.failures.extend(problems)
-            trial.lost += _wrong_seqs(self.reference, home / self.key)
+            trial.lost += wrong_seqs(self.reference, home / self.key)
 
     # -------------------------------------------------------------------------------- fault kinds
     def kill9(self, rng: np.random.Generator, kills: int = 1) -> Trial:
@@ -393,54 +290,6 @@ class Rig:
         return max(kept, rep.n_seq)
 
 
-# --------------------------------------------------------------------------------------- checks
-def snapshot(location: Path) -> dict:
-    """Everything a store holds that must survive faults: arrays, stats, manifest checksums."""
-    store = ActivationStore.open(location, checked=False)
-    return {
-        "arrays": {name: np.asarray(store.group[name][:]) for name in array_names(store.hooks)},
-        "stats": store.attrs["stats"],
-        "checksums": store.manifest().checksums,
-    }
-
-
-def differences(reference: dict, location: Path) -> list[str]:
-    """Why the store at ``location`` is not the reference (empty when it is)."""
-    try:
-        rep = verify_store(location)
-        got = snapshot(location)
-    except StoreError as e:
-        return [f"store unusable: {e}"]
-    out = [f"verify: {p}" for p in rep.problems]
-    for name, want in reference["arrays"].items():
-        if got["arrays"][name].shape != want.shape or not np.array_equal(got["arrays"][name], want):
-            out.append(f"{name} differs from the reference")
-    if got["stats"] != reference["stats"]:
-        out.append("stats differ from the reference")
-    if got["checksums"] != reference["checksums"]:
-        out.append("manifest checksums differ from the reference")
-    return out
-
-
-def _wrong_seqs(reference: dict, location: Path) -> int:
-    try:
-        got = snapshot(location)["arrays"]
-    except StoreError:
-        return len(reference["arrays"]["tokens"])
-    bad = np.zeros(len(reference["arrays"]["tokens"]), dtype=bool)
-    for name, want in reference["arrays"].items():
-        have = got[name]
-        if have.shape != want.shape:
-            return len(bad)
-        bad |= (have != want).reshape(len(bad), -1).any(axis=1)
-    return int(bad.sum())
-
-
-def chunk_file(location: Path, name: str, c: int) -> Path:
-    ndim = len(json.loads((location / name / "zarr.json").read_text())["shape"])
-    return location / name / "c" / "/".join(map(str, (c,) + (0,) * (ndim - 1)))
-
-
 def damage_chunks(location: Path, rng: np.random.Generator, n: int) -> dict[tuple[int, str], str]:
     """Damage ``n`` distinct (chunk, array) files: flip one byte, truncate, or delete."""
     meta = json.loads((location / "zarr.json").read_text())["attributes"]
@@ -464,31 +313,6 @@ def damage_chunks(location: Path, rng: np.random.Generator, n: int) -> dict[tupl
             path.unlink()
         picks[(c, name)] = how
     return picks
-
-
-def refusals(location: Path, damage: dict) -> list[str]:
-    """A consumer must get StoreError for every damaged chunk and data for every intact one."""
-    out = []
-    store = ActivationStore.open(location)
-    damaged = {c for c, _ in damage}
-    for c in range(-(-store.n_seq // store.chunk_seqs)):
-        lo = c * store.chunk_seqs
-        for name in array_names(store.hooks):
-            try:
-                store.array(name)[lo]  # one sequence: the whole chunk is checked on first touch
-                ok = True
-            except StoreError:
-                ok = False
-            if ok == ((c, name) in damage):
-                out.append(f"reading chunk {c} of {name}: {'no error' if ok else 'refused'}")
-    if damaged:
-        try:
-            list(store.iter_windows(store.hooks[0], window=8, batch_size=64, seed=0))
-            if any(n.startswith("acts/") or n == "tokens" for _, n in damage):
-                out.append("iter_windows over a damaged store raised nothing")
-        except StoreError:
-            pass
-    return out
 
 
 def summary(trials: list[Trial]) -> dict:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_faults import TINY, Rig, differences, snapshot
+from cache_faults import Rig
 from click.testing import CliRunner
+from store_compare import TINY, differences, snapshot
 
 from pipeline.cache_runner import CacheConfig, build_cache
 from pipeline.cli_cache import main

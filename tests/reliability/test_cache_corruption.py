@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-from cache_faults import TINY, chunk_file, differences, refusals, snapshot
 from click.testing import CliRunner
+from store_compare import TINY, chunk_file, differences, refusals, snapshot
 
 from pipeline.cache_runner import CacheConfig, build_cache
 from pipeline.cli_cache import main

@@ -8,8 +8,10 @@ import time
 
 import numpy as np
 import pytest
-from cache_faults import Rig, cli_args, differences
+from cache_faults import Rig
 from click.testing import CliRunner
+from forked_cli import cli_args
+from store_compare import differences
 
 from pipeline.cache_runner import build_cache
 from pipeline.cli_cache import main

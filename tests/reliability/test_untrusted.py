@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cache_faults import TINY
 from click.testing import CliRunner
+from store_compare import TINY
 
 from pipeline.cache_runner import CacheConfig, build_cache
 from pipeline.cli_cache import main
