@@ -19,7 +19,7 @@ On a machine with a free core per worker the share phase should scale nearly lin
 shared cores here both sides use the same two cores for one model's work, so expect ~1x.
 
     python bench/distributed_cache.py                                 # SmolLM2-135M layer 6, 16k tokens
-    python bench/distributed_cache.py --model tiny --tokens 4096      # quick check
+    python bench/distributed_cache.py --model tiny --layer 1 --tokens 4096   # quick check
 
 Last line: {"name": "distributed_cache_2v1", "value": <CPU efficiency>, "speedup_wall": ..., ...}.
 """
