@@ -36,8 +36,10 @@ TEXT = "Shall I compare thee to a summer's day? Thou art more lovely and more te
 
 
 @pytest.fixture
-def cli(tiny_model, tmp_path, monkeypatch):
-    """Runs `tsae-cache ARGS` in an isolated directory; returns (result, error lines)."""
+def cli(tiny_model, tmp_cache_dir, tmp_path, monkeypatch):
+    """Runs `tsae-cache ARGS` in an isolated directory; returns (result, error lines).  The default
+    cache home is isolated too (`tmp_cache_dir`): a fuzzed ``--cache-dir ""`` means the default,
+    which was the repository's own ``cache/`` (each run left a store there)."""
     real = models.load_model
     monkeypatch.setattr(
         models, "load_model", lambda spec="", *a, **k: tiny_model if spec == "tiny" else real(spec, *a, **k)
