@@ -10,7 +10,7 @@ from tsae.models.lstm_gates import lifecycle_input
 from tsae.models.registry import load_sae
 from tsae.models.topk import TopKConfig, TopKSAE
 from tsae.models.tsae import TemporalSAE
-from tsae.models.window_memory import causal_windows, window_sum
+from tsae.models.window_memory import causal_windows, sparse_project, window_sum
 
 D, F, K = 16, 48, 4
 
@@ -280,3 +280,19 @@ def test_the_temporal_decoder_reconstructs_through_the_dictionary():
     assert torch.allclose(out.x_hat, (out.codes + c) @ model.W_dec + model.b_dec, atol=1e-5)
     terms = model.loss_terms(x, out, {"gate_open": 1.0})
     assert float(terms["carried"]) > 0 and 0 < float(terms["carry_share"]) < 1
+
+
+def test_sparse_ops_match_dense_values_and_gradients_at_the_nonzero_codes():
+    g = torch.Generator().manual_seed(0)
+    c = torch.relu(torch.randn(3, 9, 11, generator=g, dtype=torch.float64) - 0.5).requires_grad_()
+    P = torch.randn(11, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    nz = c.detach() > 0
+    dense_sum = torch.stack([c[:, max(0, t - 3): t + 1].sum(1) for t in range(9)], 1)  # w = 4
+    for got, want in [(sparse_project(c, P), c @ P), (window_sum(c, 4), dense_sum)]:
+        assert torch.allclose(got, want)
+        w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        ga = torch.autograd.grad((got * w).sum(), (c, P), allow_unused=True)
+        gb = torch.autograd.grad((want * w).sum(), (c, P), allow_unused=True)
+        assert torch.allclose(ga[0][nz], gb[0][nz]) and torch.all(ga[0][~nz] == 0)
+        if gb[1] is not None:
+            assert torch.allclose(ga[1], gb[1])

@@ -232,15 +232,17 @@ class TemporalSAE(StaticSAE):
 
     @staticmethod
     def _carry_stats(out: SAEOutput, codes: Tensor) -> dict[str, Tensor]:
-        """carried: features per token the decoder keeps on with strength > 1% of the mean code;
-        carry_share: the carried coefficients' share of all coefficients (both 0 when shut)."""
+        """On the batch's first sequence (a logged diagnostic, kept cheap): carried = features per
+        token the decoder adds with strength > 1% of the mean code; carry_share = the carried
+        coefficients' share of all coefficients.  Both 0 while the decoder is shut."""
         c = out.aux.get("carried")
         if c is None:
             return {"carried": codes.new_zeros(()), "carry_share": codes.new_zeros(())}
-        c, codes = c.detach(), codes.detach()
-        mean_code = codes.sum() / (codes > 0).sum().clamp(min=1)
-        return {"carried": (c.abs() > 0.01 * mean_code).sum(-1).float().mean(),
-                "carry_share": c.abs().sum() / (codes.sum() + c.abs().sum()).clamp(min=1e-12)}
+        a, codes = c[0].detach().abs(), codes[0].detach()
+        code_sum, carry_sum = codes.sum(), a.sum()
+        mean_code = code_sum / (codes > 0).sum().clamp(min=1)
+        return {"carried": (a > 0.01 * mean_code).sum() / a[..., 0].numel(),
+                "carry_share": carry_sum / (code_sum + carry_sum).clamp(min=1e-12)}
 
     def _distill(self, out: SAEOutput) -> Tensor:
         teacher_codes = out.aux.get("teacher_codes")

@@ -3,13 +3,14 @@
 Each position's code is projected once, then every position reads a window of its predecessors:
 
     u_t   = f_t @ P                                  P [F, h]           u [B, T, h]
+            (from the k nonzero codes of each token: sparse_project)
     M_t   = (u_{t-w}, ..., u_{t-1})                  (strict, encoder)  M [B, T, w, h]
           = (u_{t-w+1}, ..., u_t)                    (inclusive, decoder)
             zeros stand in for positions before 0; nothing older than w positions enters.
     m_t   = LSTM(M_t) final hidden state             (use_lstm, from a zero state)      [B, T, h]
           = tanh(mean_w(M_t) @ A + a)                (no LSTM: a bag of recent codes)    [B, T, h]
 
-`window_sum(u, w)` is the per-feature counterpart without projection: sum_{j<w} u_{t-j} [B, T, F].
+`window_sum(f, w)` is the per-feature counterpart without projection: sum_{j<w} f_{t-j} [B, T, F].
 
 The LSTM runs over all B*T windows at once (w sequential steps of [B*T, h] matmuls), so there is
 no loop over positions and training is as parallel as for a static SAE.
@@ -37,23 +38,79 @@ def shifted(u: Tensor, lag: int) -> Tensor:
     return F.pad(u, (0,) * (2 * (u.dim() - 2)) + (lag, 0))[:, : u.shape[1]]
 
 
-def window_sum(u: Tensor, window: int) -> Tensor:
-    """sum_{j=0..w-1} u_{t-j} for every t (zero-padded): u [B, T, F] -> [B, T, F].
+class _SparseWindowSum(torch.autograd.Function):
+    """sum_{j<w} u_{t-j} over the nonzero entries of u only, forward and backward."""
 
-    Built from sums over blocks of 1, 2, 4, ... positions (doubling), so it costs O(log w) passes
-    and, unlike a difference of cumulative sums, every output is a sum of its own window's entries
-    only: nothing outside the window changes it, even by rounding.
+    @staticmethod
+    def forward(ctx, u: Tensor, window: int) -> Tensor:
+        B, T, F = u.shape
+        flat = u.detach().reshape(-1)
+        src = flat.nonzero().squeeze(1)  # flat index (b T + t) F + f of every nonzero entry
+        t = (src // F) % T
+        lags = torch.arange(min(window, T), device=u.device)
+        keep = t[None] + lags[:, None] < T  # [w, n]: entry (b, t, f) lands on t, ..., t + w - 1
+        dst = (src[None] + lags[:, None] * F)[keep]
+        values = flat[src].expand(len(lags), -1)[keep]
+        out = torch.zeros_like(flat).index_add_(0, dst, values)
+        ctx.save_for_backward(src, dst, keep)
+        ctx.shape = u.shape
+        return out.view(B, T, F)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        src, dst, keep = ctx.saved_tensors
+        per_lag = grad.new_zeros(keep.shape)
+        per_lag[keep] = grad.reshape(-1)[dst]
+        out = grad.new_zeros(ctx.shape).view(-1)
+        out[src] = per_lag.sum(0)
+        return out.view(ctx.shape), None
+
+
+class _SparseProject(torch.autograd.Function):
+    """codes [N, F] @ P [F, h] from the nonzero entries of codes (gradient to those entries only)."""
+
+    @staticmethod
+    def forward(ctx, codes: Tensor, P: Tensor) -> Tensor:
+        row, f = codes.detach().nonzero(as_tuple=True)
+        values = codes.detach()[row, f]
+        out = P.new_zeros(codes.shape[0], P.shape[1]).index_add_(0, row, values[:, None] * P.detach()[f])
+        ctx.save_for_backward(row, f, values, P)
+        ctx.n_features = codes.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        row, f, values, P = ctx.saved_tensors
+        g_rows = grad[row]  # [n, h]
+        grad_codes = grad_P = None
+        if ctx.needs_input_grad[0]:
+            grad_codes = grad.new_zeros(grad.shape[0], ctx.n_features)
+            grad_codes[row, f] = (g_rows * P[f]).sum(-1)
+        if ctx.needs_input_grad[1]:
+            grad_P = torch.zeros_like(P).index_add_(0, f, values[:, None] * g_rows)
+        return grad_codes, grad_P
+
+
+def sparse_project(codes: Tensor, P: Tensor) -> Tensor:
+    """codes [..., F] @ P [F, h] in O(nonzeros * h): for k-sparse codes, k h per token instead of F h.
+
+    The gradient reaches the nonzero entries of codes only (exact for codes from a sparse selection,
+    as for window_sum)."""
+    return _SparseProject.apply(codes.reshape(-1, codes.shape[-1]), P).view(*codes.shape[:-1], P.shape[1])
+
+
+def window_sum(codes: Tensor, window: int) -> Tensor:
+    """sum_{j=0..w-1} f_{t-j} for every t (zeros before 0): codes [B, T, F] -> [B, T, F].
+
+    Computed from the nonzero entries (B T k of them for TopK codes, each added to w positions),
+    so it costs O(B T k w) instead of passes over [B, T, F]; every output is a sum of its own
+    window's entries only, so nothing outside the window changes it, even by rounding.  The
+    gradient is returned at the nonzero entries of `codes` only: exact for codes from a sparse
+    selection (TopK, ReLU), whose zero entries pass no gradient back anyway.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    total, covered, block, size = None, 0, u, 1  # block_t = sum of the `size` positions ending at t
-    while True:
-        if window & size:
-            part = shifted(block, covered)
-            total, covered = (part if total is None else total + part), covered + size
-        if 2 * size > window:
-            return total
-        block, size = block + shifted(block, size), 2 * size
+    return _SparseWindowSum.apply(codes, window)
 
 
 class WindowMemory(nn.Module):
@@ -69,7 +126,7 @@ class WindowMemory(nn.Module):
 
     def forward(self, codes: Tensor) -> Tensor:
         B, T, _ = codes.shape
-        M = causal_windows(codes @ self.P, self.window, self.include_current)  # [B, T, w, h]
+        M = causal_windows(sparse_project(codes, self.P), self.window, self.include_current)  # [B, T, w, h]
         if not self.use_lstm:
             return torch.tanh(self.summary(M.mean(2)))
         _, (h_last, _) = self.summary(M.reshape(B * T, self.window, -1))
