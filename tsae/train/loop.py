@@ -85,6 +85,24 @@ class LoopConfig:
     progress: bool = True
 
 
+@dataclass
+class TrainerLoopFields:
+    """The loop settings every trainer config carries (StaticTrainerConfig, TSAETrainerConfig);
+    `loop_config()` turns them, with the trainer's own lr and dead window, into a LoopConfig."""
+
+    log_every: int = 100
+    checkpoint_every: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(lr=self.lr, grad_clip=self.grad_clip, log_every=self.log_every,
+                          checkpoint_every=self.checkpoint_every,
+                          dead_window_tokens=self.dead_window_tokens, progress=self.progress)
+
+
 class JsonlLog:
     """Append-only JSON-lines log (flushed per record); `records` keeps them in memory too."""
 

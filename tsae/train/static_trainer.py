@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tsae.models.base import SAE
-from tsae.train.loop import Callback, LoopConfig, TrainLoop, auto_device
+from tsae.train.loop import Callback, TrainerLoopFields, TrainLoop, auto_device
 from tsae.train.schedule import Ramp, Schedule, constant, lr_schedule
 from tsae.train.setup import (
     Phase,
@@ -36,7 +36,7 @@ from tsae.train.setup import (
 
 
 @dataclass
-class StaticTrainerConfig:
+class StaticTrainerConfig(TrainerLoopFields):
     architecture: str = "topk"  # relu_l1 | topk | t_sae | crosscoder
     d_sae: int = 0  # 0: expansion * d_in
     expansion: int = 8
@@ -56,17 +56,6 @@ class StaticTrainerConfig:
     dead_window_tokens: int = 1_000_000
     b_dec_init: str = "geometric_median"  # | "mean" | "none"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra fields of the model config
-    log_every: int = 100
-    checkpoint_every: int = 0
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-    def loop_config(self) -> LoopConfig:
-        return LoopConfig(lr=self.lr, grad_clip=self.grad_clip, log_every=self.log_every,
-                          checkpoint_every=self.checkpoint_every,
-                          dead_window_tokens=self.dead_window_tokens, progress=self.progress)
 
 
 def static_schedule(cfg: StaticTrainerConfig, start: int = 0, end: int | None = None) -> Schedule:

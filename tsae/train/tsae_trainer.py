@@ -43,7 +43,7 @@ from tsae.models.registry import load_sae
 from tsae.models.topk import TopKSAE, topk_activation
 from tsae.models.tsae import TemporalSAE
 from tsae.train.checkpoint import latest_checkpoint
-from tsae.train.loop import Callback, LoopConfig, TrainLoop, auto_device
+from tsae.train.loop import Callback, TrainerLoopFields, TrainLoop, auto_device
 from tsae.train.schedule import Ramp, Schedule, lr_schedule
 from tsae.train.setup import Phase, make_source, run_phases, save_run
 from tsae.train.static_trainer import StaticTrainerConfig, TrainResult, train_static
@@ -52,7 +52,7 @@ PHASES = ("distill", "introduce", "refine")
 
 
 @dataclass
-class TSAETrainerConfig:
+class TSAETrainerConfig(TrainerLoopFields):
     k: int = 32  # target k (the TSAE's k at inference)
     k_start: int = 0  # > 0: anneal k_start -> k over the distill and introduce phases
     distill_tokens: int = 1_000_000
@@ -74,12 +74,6 @@ class TSAETrainerConfig:
     revive_phases: tuple[str, ...] = ("introduce", "refine")
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # TSAEConfig overrides (ablations)
     static: StaticTrainerConfig = field(default_factory=StaticTrainerConfig)  # when no static SAE given
-    log_every: int = 100
-    checkpoint_every: int = 0
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
 
     @property
     def boundaries(self) -> tuple[int, int, int]:
@@ -195,10 +189,7 @@ def train_tsae(cfg: TSAETrainerConfig, data, *, static: SAE | str | Path | None 
     model = TemporalSAE.from_static(copy.deepcopy(teacher), **overrides)
     teacher.eval().requires_grad_(False)
 
-    loop_cfg = LoopConfig(lr=cfg.lr, grad_clip=cfg.grad_clip, log_every=cfg.log_every,
-                          checkpoint_every=cfg.checkpoint_every, dead_window_tokens=cfg.dead_window_tokens,
-                          progress=cfg.progress)
-    loop = TrainLoop(model, loop_cfg, scale=scale, device=cfg.device, out_dir=out_dir)
+    loop = TrainLoop(model, cfg.loop_config(), scale=scale, device=cfg.device, out_dir=out_dir)
     teacher.to(loop.device)
     if resume:
         loop.resume(resume)
