@@ -24,8 +24,8 @@ Who writes what:
 A chunk is complete once its record exists.  A worker killed at any instant loses only its chunks in
 flight (data without a record is rewritten), so rerunning it alone (``--shard r/W``) or restarting
 the whole job, with any W, completes the store with nothing lost or duplicated.  On a local disk
-rank 0 holds the builder's ``.build.lock`` and worker r holds ``.build.lock.r``; an object store has
-no locks, and the single metadata writer is the guarantee (see docs/distributed.md).
+rank 0 holds the builder's ``.build.lock`` and worker r holds ``.build.lock.r``; on S3 rank 0 holds
+the builder's lease (`pipeline.store_lease`) and the shares have no locks (see docs/distributed.md).
 
 This module runs the build: rank 0 creates (or resumes) the store, merges the records and finishes
 it.  One worker's share and its records: `pipeline.distributed_share`; the collectives, ``--shard``
@@ -227,6 +227,7 @@ def _finish(writer: StoreWriter, outcomes: list[dict], t0: float) -> dict:
     me = outcomes[0]
     m, store = writer.manifest, writer.group.store
     fold(m, store, stop=me["n_chunks"])
+    writer.check_lock()
     write_key(store, MANIFEST_KEY, m.to_bytes())
     if m.completed_chunks < me["n_chunks"]:
         recorded = recorded_chunks(store)

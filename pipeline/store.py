@@ -358,8 +358,18 @@ def remove(path_or_key, cache_dir=None) -> str | Path:
     else:
         import fsspec.core
 
-        fs, path = fsspec.core.url_to_fs(str(location))
-        fs.rm(path, recursive=True)
+        from pipeline.store_lock import lock_builder, unlock
+
+        lock = lock_builder(location)  # on S3 a lease: refuses while a build holds it
+        try:
+            fs, path = fsspec.core.url_to_fs(str(location))
+            if lock is None:
+                fs.rm(path, recursive=True)
+            else:  # the lease goes last, so no builder starts on a half-removed store
+                fs.invalidate_cache(path)
+                fs.rm([f for f in fs.find(path) if not f.endswith(f"/{LOCK_FILE}")])
+        finally:
+            unlock(lock)
     return location
 
 

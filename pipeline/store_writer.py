@@ -15,9 +15,11 @@ Protocol (what makes a store safe to interrupt at any instant, `kill -9` include
    ``status = "complete"``, ``n_seq`` and ``stats``: the last write, so a reader never sees a
    complete status over missing data.
 
-A local store is also guarded by an exclusive ``flock`` on ``.build.lock`` (released by the OS if the
-process dies), so two builds of one key cannot interleave.  `BackgroundWriter` runs a writer on its own
-thread behind a bounded queue, so the model never waits for the disk, checksums or stats.
+A store is also guarded by the builder's lock on ``.build.lock`` (`pipeline.store_lock`: a ``flock``
+the OS releases if the process dies, or on S3 a renewed lease that goes stale if it dies), so two
+builds of one key cannot interleave; a writer that lost its lease stops before its next chunk.
+`BackgroundWriter` runs a writer on its own thread behind a bounded queue, so the model never waits
+for the disk, checksums or stats.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from pipeline.store_layout import (
     write_key,
     zarr_store,
 )
-from pipeline.store_lock import lock_builder, unlock
+from pipeline.store_lock import check_held, lock_builder, unlock
 
 FLUSH_OVERHEAD = 0.02  # at most this share of wall time goes to rewriting the manifest
 
@@ -196,6 +198,7 @@ class StoreWriter:
 
     # ------------------------------------------------------------------------------------- write
     def write(self, chunk: Chunk) -> None:
+        self.check_lock()
         m = self.manifest
         if chunk.index != m.completed_chunks:
             raise RuntimeError(f"chunk {chunk.index} written out of order (expected {m.completed_chunks})")
@@ -238,6 +241,7 @@ class StoreWriter:
         m = self.manifest
         if m.n_seq == 0:
             raise StoreError("no sequence was written")
+        self.check_lock()
         try:
             for arr in self._arrays.values():
                 arr.resize((m.n_seq, *arr.shape[1:]))
@@ -254,6 +258,10 @@ class StoreWriter:
         except OSError as e:
             raise _io_error(e, "finishing the store", self) from None
         return dict(self.group.attrs)
+
+    def check_lock(self) -> None:
+        """StoreError if this writer lost its lease on an object store (another may build now)."""
+        check_held(self._lock_fd)
 
     def close(self) -> None:
         """Flush what is done (best effort) and release the build lock."""
@@ -370,6 +378,10 @@ class BackgroundWriter:
                 return
             except queue.Full:
                 continue
+
+    def check_lock(self) -> None:
+        """StoreError if this writer lost its lease on an object store (another may build now)."""
+        check_held(self._lock_fd)
 
     def close(self) -> None:
         """Finish the queued chunks, stop the thread, flush; re-raise a write failure if one happened."""
