@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.cache_attrs import root_attrs
-from pipeline.cache_chunks import chunk_stream, forward_chunk, prefetched, probe_shapes, tokenised_chunks
+from pipeline.cache_chunks import forward_chunk, probe_shapes, tokenised_chunks
 from pipeline.cache_plan import CacheConfig, NeedModel, Plan, check_model, plan
 from pipeline.errors import SourceError, StoreError, UserError
 from pipeline.store import read_attrs
@@ -163,7 +163,7 @@ def _fill(cfg: CacheConfig, model, p: Plan, t0: float, layout: Layout, chunks, c
         return _hit(p, read_attrs(p.location), t0)
     resumed = writer.n_seq
     if resuming:
-        _remove_partial_writes(p.location)
+        remove_partial_writes(p.location)
     batch_size = writer.manifest.batch_size  # a resumed build keeps its batches (same numerics)
     if first is not None:
         chunks = itertools.chain([first], chunks)
@@ -215,7 +215,7 @@ def _fill(cfg: CacheConfig, model, p: Plan, t0: float, layout: Layout, chunks, c
     )
 
 
-def _remove_partial_writes(location) -> None:
+def remove_partial_writes(location) -> None:
     """Delete the temporary files (``*.partial``) that zarr's atomic writes leave when the process
     is killed mid-write; this build holds the store's lock, so no other writer owns one."""
     if isinstance(location, Path):
@@ -247,12 +247,3 @@ def _progress(cfg: CacheConfig, key: str, resumed_seqs: int):
         smoothing=0.1,
     )
 
-
-# Older private names, still imported from here by pipeline.distributed_cache and pipeline.repair.
-_NeedModel = NeedModel
-_check_model = check_model
-_root_attrs = root_attrs
-_chunk_stream = chunk_stream
-_prefetch = prefetched
-_forward_chunk = forward_chunk
-_probe_shapes = probe_shapes

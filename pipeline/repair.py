@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pipeline.cache_runner import _remove_partial_writes
+from pipeline.cache_runner import remove_partial_writes
 from pipeline.errors import StoreError
 from pipeline.store import read_attrs, resolve
 from pipeline.store_layout import (
@@ -104,7 +104,7 @@ def _repair(location, cache_dir, model, device: str) -> RepairReport:
     if not _only_incomplete(after):
         raise StoreError(f"repair of {rep.key} left problems: {after.problems[0]}")
     if attrs.get("status") == STATUS_COMPLETE:  # no share worker can be writing into a complete store
-        _remove_partial_writes(location)
+        remove_partial_writes(location)
     if rep.chunks or rep.stats_updated:
         group.attrs.update({"repaired_at": [*attrs.get("repaired_at", []), _utcnow()]})
     return rep
@@ -136,7 +136,7 @@ def _check_recipe(attrs: dict, model) -> None:
 
 def _regenerate(attrs: dict, model, m: Manifest, wanted: list[int]):
     """(chunk, tokens, doc_id, doc_offset) of each wanted chunk, from the build's own sequence stream."""
-    from pipeline.cache_runner import _chunk_stream
+    from pipeline.cache_chunks import chunk_stream
     from pipeline.sequences import iter_sequences
     from pipeline.sources import iter_documents
 
@@ -146,7 +146,7 @@ def _regenerate(attrs: dict, model, m: Manifest, wanted: list[int]):
         docs, model.tokenizer, int(attrs["ctx"]), bool(attrs["prepend_bos"]), attrs["max_tokens"]
     )
     todo = set(wanted)
-    for c, tokens, doc_id, doc_offset in _chunk_stream(seqs, m.chunk_seqs, int(attrs["ctx"])):
+    for c, tokens, doc_id, doc_offset in chunk_stream(seqs, m.chunk_seqs, int(attrs["ctx"])):
         if c in todo:
             todo.discard(c)
             yield c, tokens, doc_id, doc_offset
@@ -158,7 +158,7 @@ def _regenerate(attrs: dict, model, m: Manifest, wanted: list[int]):
 
 
 def _rewrite(rep, group, m: Manifest, model, attrs, c: int, names: set[str], tokens, doc_id, doc_offset):
-    from pipeline.cache_runner import _forward_chunk
+    from pipeline.cache_chunks import forward_chunk
 
     lo, hi = m.chunk_range(c)
     got = {TOKENS: tokens, DOC_ID: doc_id, DOC_OFFSET: doc_offset}
@@ -170,7 +170,7 @@ def _rewrite(rep, group, m: Manifest, model, attrs, c: int, names: set[str], tok
             )
     hooks = [h for h in attrs["hooks"] if acts_name(h) in names]
     if hooks:
-        acts = _forward_chunk(model, tokens, hooks, m.batch_size, attrs["store_dtype"])
+        acts = forward_chunk(model, tokens, hooks, m.batch_size, attrs["store_dtype"])
         got.update({acts_name(h): a for h, a in acts.items()})
         rep.forward_tokens += tokens.size
     for name in sorted(names):
