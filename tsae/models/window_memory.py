@@ -31,13 +31,6 @@ def causal_windows(u: Tensor, window: int, include_current: bool) -> Tensor:
     return windows.transpose(-1, -2)
 
 
-def shifted(u: Tensor, lag: int) -> Tensor:
-    """u [B, T, ...] delayed by lag positions along T (zeros enter at the start)."""
-    if lag == 0:
-        return u
-    return F.pad(u, (0,) * (2 * (u.dim() - 2)) + (lag, 0))[:, : u.shape[1]]
-
-
 class _SparseWindowSum(torch.autograd.Function):
     """sum_{j<w} u_{t-j} over the nonzero entries of u only, forward and backward."""
 
