@@ -23,7 +23,8 @@ resume failed to keep or that differ from the reference at the end (target: 0).
     python bench/soak_cache.py                     # 20 trials, seed 0
     python bench/soak_cache.py --trials 100 --seed 3
 
-The last line is JSON: {"name": "soak_cache_data_lost", "value": 0, "target": "== 0", ...}.
+The last line is JSON: {"name": "soak_cache_data_lost", "value": 0.0, "target": "== 0", ...}, the
+value being the fraction of all trials' sequences lost (data_lost_seqs / (trials * sequences)).
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ def main() -> None:
         json.dumps(
             {
                 "name": "soak_cache_data_lost",
-                "value": s["data_lost_seqs"],
+                "value": round(s["data_lost_seqs"] / (s["trials"] * rig.n_seq), 6),
+                "unit": "sequences lost / sequences built, over all trials",
                 "target": "== 0",
+                "data_lost_seqs": s["data_lost_seqs"],
                 "failures": s["failures"],
                 "trials": s["trials"],
                 "faults": s["faults_injected"],
