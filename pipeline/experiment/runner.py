@@ -47,6 +47,8 @@ def run_experiment(out_dir: str | Path, *, smoke: bool = False, plan: Experiment
                    cache_dir: str | None = None) -> ExperimentResult:
     import torch
 
+    if not str(out_dir).strip():  # Path("") is the working directory: never write a run there by accident
+        raise UserError("--out_dir is empty: name the run folder, e.g. --out_dir=run_1")
     out = Path(out_dir).resolve()
     plan = plan or load_plan(out.name, smoke=smoke)
     try:

@@ -94,3 +94,13 @@ def test_bad_arguments_get_one_clear_line():
     r = subprocess.run([sys.executable, str(REPO / "experiment.py")], cwd=REPO, capture_output=True,
                        text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "--out_dir" in r.stderr
+
+
+def test_an_empty_out_dir_is_refused_before_anything_is_written(tmp_path):
+    """`--out_dir=` would resolve to the working directory: refused in one line, nothing written."""
+    r = subprocess.run([sys.executable, str(REPO / "experiment.py"), "--out_dir=", "--smoke"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    expected = "error: --out_dir is empty: name the run folder, e.g. --out_dir=run_1"
+    assert r.stderr.strip().splitlines() == [expected]
+    assert list(tmp_path.iterdir()) == []
