@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from tsae.models.window_memory import WindowMemory, window_sum
+from tsae.models.window_memory import WindowMemory, nonzero_flat, window_sum
 
 
 class CarryDecoder(nn.Module):
@@ -55,9 +55,12 @@ class CarryDecoder(nn.Module):
 
     def forward(self, codes: Tensor, gain: Tensor) -> Tensor:
         """codes f [B, T, F], gain [F] -> carried coefficients c [B, T, F] (>= 0 where f >= 0)."""
-        d = self.memory(codes).flatten(0, 1)  # [B*T, h]
+        nz = nonzero_flat(codes)  # the firing entries, found once for the memory, mu and the mask
+        d = self.memory(codes, nz).flatten(0, 1)  # [B*T, h]
         r = torch.addmm(self.b_r, d, self.W_r).sigmoid_().view_as(codes)
         p = torch.addmm(self.b_p, d, self.W_p).relu_().view_as(codes)
-        mu = window_sum(codes, self.window)
-        # one fused pass each: p + r * mu / w, zero where f_t fires, times the bridge gain
-        return torch.addcmul(p, r, mu, value=1.0 / self.window).masked_fill_(codes > 0, 0.0) * gain
+        mu = window_sum(codes, self.window, nz)
+        # one fused pass: p + r * mu / w; zeroed where f_t fires (f > 0 among the nonzero entries); gain
+        fires = nz[codes.detach().reshape(-1)[nz] > 0]
+        c = torch.addcmul(p, r, mu, value=1.0 / self.window)
+        return c.view(-1).index_fill_(0, fires, 0.0).view_as(codes) * gain

@@ -27,13 +27,19 @@ from tsae.models.lifecycle import ages_at
 Coords = tuple[Tensor, Tensor, Tensor]
 
 
-def lifecycle_input(static_codes: Tensor, window: int) -> tuple[Coords, Tensor]:
+def lifecycle_input(static_codes: Tensor, window: int, nz: Tensor | None = None) -> tuple[Coords, Tensor]:
     """Sparse a_t [B, T, F]: ((b, t, f) coordinates, values) of its nonzero entries.
 
     Entry (b, t, f) carries min(age of f at t-1, w) / w, for each feature f active at t-1.
+    nz: window_memory.nonzero_flat(static_codes), if the caller has it.
     """
     active = static_codes > 0
-    b, t, f = active.nonzero(as_tuple=True)
+    if nz is None:
+        b, t, f = active.nonzero(as_tuple=True)
+    else:
+        _, T, F = active.shape
+        nz = nz[active.reshape(-1)[nz]]  # active = the positive ones among the nonzero entries
+        b, t, f = nz // (T * F), nz // F % T, nz % F
     age = ages_at(active, (b, t, f), window).to(static_codes.dtype) / window
     keep = t + 1 < active.shape[1]
     return (b[keep], t[keep] + 1, f[keep]), age[keep]

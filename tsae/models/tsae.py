@@ -66,7 +66,7 @@ from tsae.models.lstm_gates import TemporalGates, lifecycle_input
 from tsae.models.registry import register
 from tsae.models.static import StaticSAE, reconstruction_mse
 from tsae.models.topk import TopKConfig, TopKSAE, auxk_loss, topk_activation
-from tsae.models.window_memory import WindowMemory
+from tsae.models.window_memory import WindowMemory, nonzero_flat
 
 
 @dataclass
@@ -157,8 +157,9 @@ class TemporalSAE(StaticSAE):
         f_s = topk_activation(s, k)
         if not self.temporal_open:
             return f_s, s, f_s, None
-        e = self.enc_memory(f_s)
-        life = lifecycle_input(f_s, cfg.window) if cfg.use_gates and cfg.use_lifecycle_input else None
+        nz = nonzero_flat(f_s)  # found once for the memory and the lifecycle input
+        e = self.enc_memory(f_s, nz)
+        life = lifecycle_input(f_s, cfg.window, nz) if cfg.use_gates and cfg.use_lifecycle_input else None
         gate, tau = self.gates(e, self.bridge.encoder_gain(self.gate_open), life)
         pre = self.bridge.encoder(s, gate, tau)
         return topk_activation(pre, k), pre, f_s, gate

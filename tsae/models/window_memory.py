@@ -31,15 +31,22 @@ def causal_windows(u: Tensor, window: int, include_current: bool) -> Tensor:
     return windows.transpose(-1, -2)
 
 
+def nonzero_flat(codes: Tensor) -> Tensor:
+    """Flat indices (b T + t) F + f of the nonzero entries of codes [B, T, F] (or [N, F]), in order.
+
+    One pass over the codes; sparse_project, window_sum and lifecycle_input all take it, so a
+    caller that feeds them the same codes finds the nonzero entries once."""
+    return codes.detach().reshape(-1).nonzero().squeeze(1)
+
+
 class _SparseWindowSum(torch.autograd.Function):
     """sum_{j<w} u_{t-j} over the nonzero entries of u only, forward and backward."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, window: int) -> Tensor:
+    def forward(ctx, u: Tensor, window: int, src: Tensor) -> Tensor:
         B, T, F = u.shape
         flat = u.detach().reshape(-1)
-        src = flat.nonzero().squeeze(1)  # flat index (b T + t) F + f of every nonzero entry
-        t = (src // F) % T
+        t = (src // F) % T  # src: nonzero_flat(u)
         lags = torch.arange(min(window, T), device=u.device)
         keep = t[None] + lags[:, None] < T  # [w, n]: entry (b, t, f) lands on t, ..., t + w - 1
         dst = (src[None] + lags[:, None] * F)[keep]
@@ -56,16 +63,16 @@ class _SparseWindowSum(torch.autograd.Function):
         per_lag[keep] = grad.reshape(-1)[dst]
         out = grad.new_zeros(ctx.shape).view(-1)
         out[src] = per_lag.sum(0)
-        return out.view(ctx.shape), None
+        return out.view(ctx.shape), None, None
 
 
 class _SparseProject(torch.autograd.Function):
     """codes [N, F] @ P [F, h] from the nonzero entries of codes (gradient to those entries only)."""
 
     @staticmethod
-    def forward(ctx, codes: Tensor, P: Tensor) -> Tensor:
-        row, f = codes.detach().nonzero(as_tuple=True)
-        values = codes.detach()[row, f]
+    def forward(ctx, codes: Tensor, P: Tensor, nz: Tensor) -> Tensor:
+        row, f = nz // codes.shape[1], nz % codes.shape[1]  # nz: nonzero_flat(codes)
+        values = codes.detach().reshape(-1)[nz]
         out = P.new_zeros(codes.shape[0], P.shape[1]).index_add_(0, row, values[:, None] * P.detach()[f])
         ctx.save_for_backward(row, f, values, P)
         ctx.n_features = codes.shape[1]
@@ -81,29 +88,32 @@ class _SparseProject(torch.autograd.Function):
             grad_codes[row, f] = (g_rows * P[f]).sum(-1)
         if ctx.needs_input_grad[1]:
             grad_P = torch.zeros_like(P).index_add_(0, f, values[:, None] * g_rows)
-        return grad_codes, grad_P
+        return grad_codes, grad_P, None
 
 
-def sparse_project(codes: Tensor, P: Tensor) -> Tensor:
+def sparse_project(codes: Tensor, P: Tensor, nz: Tensor | None = None) -> Tensor:
     """codes [..., F] @ P [F, h] in O(nonzeros * h): for k-sparse codes, k h per token instead of F h.
 
     The gradient reaches the nonzero entries of codes only (exact for codes from a sparse selection,
-    as for window_sum)."""
-    return _SparseProject.apply(codes.reshape(-1, codes.shape[-1]), P).view(*codes.shape[:-1], P.shape[1])
+    as for window_sum).  nz: nonzero_flat(codes), if the caller has it."""
+    flat = codes.reshape(-1, codes.shape[-1])
+    nz = nonzero_flat(flat) if nz is None else nz
+    return _SparseProject.apply(flat, P, nz).view(*codes.shape[:-1], P.shape[1])
 
 
-def window_sum(codes: Tensor, window: int) -> Tensor:
+def window_sum(codes: Tensor, window: int, nz: Tensor | None = None) -> Tensor:
     """sum_{j=0..w-1} f_{t-j} for every t (zeros before 0): codes [B, T, F] -> [B, T, F].
 
     Computed from the nonzero entries (B T k of them for TopK codes, each added to w positions),
     so it costs O(B T k w) instead of passes over [B, T, F]; every output is a sum of its own
     window's entries only, so nothing outside the window changes it, even by rounding.  The
     gradient is returned at the nonzero entries of `codes` only: exact for codes from a sparse
-    selection (TopK, ReLU), whose zero entries pass no gradient back anyway.
+    selection (TopK, ReLU), whose zero entries pass no gradient back anyway.  nz: nonzero_flat(codes),
+    if the caller has it.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return _SparseWindowSum.apply(codes, window)
+    return _SparseWindowSum.apply(codes, window, nonzero_flat(codes) if nz is None else nz)
 
 
 class WindowMemory(nn.Module):
@@ -117,9 +127,11 @@ class WindowMemory(nn.Module):
         self.P = nn.Parameter(torch.randn(d_sae, hidden) * code_scale)
         self.summary = nn.LSTM(hidden, hidden, batch_first=True) if use_lstm else nn.Linear(hidden, hidden)
 
-    def forward(self, codes: Tensor) -> Tensor:
+    def forward(self, codes: Tensor, nz: Tensor | None = None) -> Tensor:
+        """codes [B, T, F] (nz: nonzero_flat(codes), if the caller has it) -> m [B, T, h]."""
         B, T, _ = codes.shape
-        M = causal_windows(sparse_project(codes, self.P), self.window, self.include_current)  # [B, T, w, h]
+        u = sparse_project(codes, self.P, nz)  # [B, T, h]
+        M = causal_windows(u, self.window, self.include_current)  # [B, T, w, h]
         if not self.use_lstm:
             return torch.tanh(self.summary(M.mean(2)))
         _, (h_last, _) = self.summary(M.reshape(B * T, self.window, -1))
