@@ -379,10 +379,6 @@ class BackgroundWriter:
             except queue.Full:
                 continue
 
-    def check_lock(self) -> None:
-        """StoreError if this writer lost its lease on an object store (another may build now)."""
-        check_held(self._lock_fd)
-
     def close(self) -> None:
         """Finish the queued chunks, stop the thread, flush; re-raise a write failure if one happened."""
         self._q.put(None)
