@@ -59,10 +59,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def share(self, n: int) -> tuple[int, int]:
-        """Rows [lo, hi) of a global batch of n rows that this rank trains on."""
-        return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
-
     # ---- collectives (no-ops on one process) ---------------------------------------------------
     def barrier(self) -> None:
         if self.active:
