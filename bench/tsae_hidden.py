@@ -6,7 +6,7 @@ A TopK SAE is trained for --steps; then, for the same number of further steps, (
 keeps training, and (b) a TSAE started from it (gates fully open) trains, once per h.  Reports
 held-out FVU (fraction of variance unexplained).  Pair it with bench/tsae_cost.py for the cost.
 
-    OMP_NUM_THREADS=1 python bench/tsae_hidden.py                  # ~2 minutes on one core
+    OMP_NUM_THREADS=1 python bench/tsae_hidden.py              # ~10 minutes on a core (docs/architecture.md)
     OMP_NUM_THREADS=1 python bench/tsae_hidden.py --steps 100      # quick check
 
 Last line: JSON with the best h's FVU relative to the static FVU (target < 1: the TSAE helps).
