@@ -85,7 +85,8 @@ class TopKConfig(StaticSAEConfig):
 
 
 class KSparseSAE(StaticSAE):
-    """A static SAE with k-sparse codes and aux-k against dead latents (TopK, T-SAE); cfg: a TopKConfig."""
+    """A static SAE with k-sparse codes and aux-k against dead latents (TopK, T-SAE; the TSAE keeps
+    its own forward and loss but shares k_aux); cfg: a TopKConfig."""
 
     @property
     def k_aux(self) -> int:

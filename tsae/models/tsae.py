@@ -64,8 +64,8 @@ from tsae.models.carry_decoder import CarryDecoder
 from tsae.models.lifecycle import LifecycleTracker
 from tsae.models.lstm_gates import TemporalGates, lifecycle_input
 from tsae.models.registry import register
-from tsae.models.static import StaticSAE, reconstruction_mse
-from tsae.models.topk import TopKConfig, TopKSAE, auxk_loss, topk_activation
+from tsae.models.static import reconstruction_mse
+from tsae.models.topk import KSparseSAE, TopKConfig, TopKSAE, auxk_loss, topk_activation
 from tsae.models.window_memory import WindowMemory, nonzero_flat
 
 
@@ -83,7 +83,7 @@ class TSAEConfig(TopKConfig):
 
 
 @register
-class TemporalSAE(StaticSAE):
+class TemporalSAE(KSparseSAE):
     architecture = "tsae"
     config_class = TSAEConfig
     is_temporal = True
@@ -186,14 +186,10 @@ class TemporalSAE(StaticSAE):
         c = self.carried(codes)
         if c is not None:
             aux["carried"] = c
-        x_hat = StaticSAE.decode(self, codes if c is None else codes + c)
+        x_hat = super().decode(codes if c is None else codes + c)
         return SAEOutput(x_hat=x_hat, codes=codes, aux=aux)
 
     # ---- training ----------------------------------------------------------------------------
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.k_aux or self.cfg.d_in // 2
-
     def _stale(self, out: SAEOutput, coeffs: dict[str, float]) -> bool:
         """Did `out` come from a forward with other gate_open / k than coeffs asks for?"""
         gate = coeffs.get("gate_open")
