@@ -4,7 +4,7 @@ One step, on a batch of windows x [B, w, d] (raw activations) at global token co
 
     x      <- s * x                              s = sqrt(d) / E||x||        (scaling.py)
     c      <- schedule.at(t)                     {"lr": .., "k": .., "gate_open": .., ...}
-              model.set_coeffs(c)                  (for models that define it, e.g. the TSAE)
+              model.set_coeffs(c)                  (state a model holds per step, e.g. the TSAE's k)
     out    <- model(x)                           (+ a frozen teacher's outputs in out.aux when
                                                   c["distill"] > 0 and a teacher is given)
     terms  <- model.loss_terms(x, out, c)        {"loss": total, named terms ...}
@@ -202,7 +202,6 @@ class TrainLoop:
         s["phase"] = phase
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        set_coeffs = getattr(model, "set_coeffs", None)  # models with state set per step (TSAE)
         self._take_snapshot()
         acc: dict[str, Tensor] = {}
         n_acc, wait, t_last, tok_last = 0, 0.0, time.perf_counter(), s["tokens"]
@@ -227,8 +226,7 @@ class TrainLoop:
                 if lr is not None:
                     for g in opt.param_groups:
                         g["lr"] = lr
-                if set_coeffs is not None:
-                    set_coeffs(coeffs)
+                model.set_coeffs(coeffs)  # a no-op for models without per-step state (base.SAE)
                 out = model(x)
                 if teacher is not None and coeffs.get("distill", 0.0) > 0:
                     with torch.no_grad():
