@@ -10,7 +10,7 @@ from tsae.models.lstm_gates import lifecycle_input
 from tsae.models.registry import load_sae
 from tsae.models.topk import TopKConfig, TopKSAE
 from tsae.models.tsae import TemporalSAE
-from tsae.models.window_memory import causal_windows, sparse_project, window_sum
+from tsae.models.window_memory import causal_windows, nonzero_flat, sparse_project, window_sum
 
 D, F, K = 16, 48, 4
 
@@ -115,6 +115,19 @@ def test_lifecycle_input_is_shifted_capped_age():
     expected = torch.zeros_like(codes)
     expected[:, 1:] = ages(codes > 0)[:, :-1].clamp(max=w).float() / w
     assert torch.equal(dense, expected)
+
+
+def test_shared_nonzero_indices_give_what_each_op_finds_itself():
+    g = torch.Generator().manual_seed(3)
+    codes = torch.relu(torch.randn(2, 12, 9, generator=g))
+    codes[0, 4, :3] = -1.0  # an edited code: nonzero but not active
+    P = torch.randn(9, 4, generator=g)
+    nz = nonzero_flat(codes)
+    assert torch.equal(sparse_project(codes, P, nz), sparse_project(codes, P))
+    assert torch.equal(window_sum(codes, 3, nz), window_sum(codes, 3))
+    (coords, value), (coords_nz, value_nz) = lifecycle_input(codes, 4), lifecycle_input(codes, 4, nz)
+    assert all(torch.equal(a, b) for a, b in zip(coords, coords_nz, strict=True))
+    assert torch.equal(value, value_nz)
 
 
 @pytest.mark.parametrize("flags", FLAG_VARIANTS)
