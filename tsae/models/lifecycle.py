@@ -115,13 +115,13 @@ def ages_at(active: Tensor, index: tuple[Tensor, Tensor, Tensor], cap: int) -> T
     TSAE's lifecycle input uses it on the k active features per token.
     """
     b, t, f = index
-    B, T, F = active.shape
-    flat = torch.nn.functional.pad(active, (0, 0, cap, 0)).reshape(-1)  # position t sits at cap + t
-    at = (b * (T + cap) + cap + t) * F + f  # flat index of (b, t, f); (b, t - j, f) is at - j * F
+    _, T, F = active.shape
+    flat = active.reshape(-1)  # no padded copy of [B, T, F]: positions before 0 are masked by t >= back
+    at = (b * T + t) * F + f  # flat index of (b, t, f); (b, t - j, f) is at - j * F
     run = torch.ones(b.shape, dtype=torch.bool, device=active.device)
     age = torch.zeros(b.shape, dtype=torch.long, device=active.device)
     for back in range(cap):
-        run &= flat[at - back * F]
+        run &= (t >= back) & flat[(at - back * F).clamp(min=0)]
         age += run
     return age
 
