@@ -29,12 +29,14 @@ from pipeline.store_layout import (
     STATUS_COMPLETE,
     TOKENS,
     Manifest,
+    StoreUnreachable,
     acts_name,
     array_specs,
     attrs_problem,
     join,
     manifest_problem,
     normalise,
+    object_store_error,
     open_group,
     read_key,
     zarr_store,
@@ -344,6 +346,8 @@ def remove(path_or_key, cache_dir=None) -> str | Path:
     location = resolve_key(path_or_key, cache_dir, "remove")
     try:
         found = read_attrs(location) is not None or looks_like_store(location)
+    except StoreUnreachable:
+        raise
     except StoreError:  # a damaged store can be removed
         found = True
     if not found:
@@ -386,6 +390,8 @@ def _children(home: str) -> list:
             ]
         except FileNotFoundError:
             return []
+        except Exception as e:
+            raise (object_store_error(e, home) or e) from None
     root = Path(home)
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 

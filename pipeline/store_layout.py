@@ -88,12 +88,28 @@ def open_group(store, mode: str):
         raise StoreError(f"zarr.json is unusable ({type(e).__name__}); the store is damaged") from None
 
 
+class StoreUnreachable(StoreError):
+    """The object store holding a store could not be asked (not: the store is damaged)."""
+
+
+def object_store_error(e: BaseException, where) -> StoreUnreachable | None:
+    """A one-line StoreError for an object-store client failure (no server, no credentials, ...),
+    None for any other error.  The S3 client's exceptions are not OSErrors, so they would escape as
+    tracebacks; every first request of a command goes through `read_key` or `list_stores`."""
+    if type(e).__module__.split(".")[0] not in ("botocore", "aiobotocore", "aiohttp"):
+        return None
+    return StoreUnreachable(f"cannot reach {where}: {' '.join(str(e).split()) or type(e).__name__}")
+
+
 def read_key(store, key: str) -> bytes | None:
     """One small file of the store (``None`` if absent), through zarr's store API so URLs work too."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    try:
+        buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    except Exception as e:
+        raise (object_store_error(e, f"{getattr(store, 'path', store)}/{key}") or e) from None
     return None if buf is None else buf.to_bytes()
 
 
@@ -102,7 +118,10 @@ def write_key(store, key: str, data: bytes) -> None:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    try:
+        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    except Exception as e:
+        raise (object_store_error(e, f"{getattr(store, 'path', store)}/{key}") or e) from None
 
 
 def to_json(obj) -> bytes:

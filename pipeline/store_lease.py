@@ -32,6 +32,7 @@ import time
 import uuid
 
 from pipeline.errors import StoreError
+from pipeline.store_layout import object_store_error
 
 TTL_ENV = "TSAE_LEASE_TTL"
 DEFAULT_TTL = 60.0
@@ -118,6 +119,8 @@ class Lease:
                 pass
             except OSError as e:
                 raise StoreError(f"cannot create the build lease {self.url}: {e}") from None
+            except Exception as e:  # the S3 client's own errors (no server, no credentials)
+                raise (object_store_error(e, self.url) or e) from None
             held = self.read()
             if held is None:
                 continue  # released meanwhile: create again

@@ -244,3 +244,25 @@ def test_fuzzed_store_metadata(cli, pristine, tmp_path, target, how, data):
         pass
     list_stores(home)
     cli("rm", key, "--cache-dir", home)
+
+
+# ------------------------------------------------------------------------------ unreachable stores
+@pytest.mark.parametrize(
+    "command",
+    [["ls"], ["info", "k"], ["verify", "k"], ["rm", "k"], ["repair", "k"], ["export", "k", "o.h5"],
+     ["build", *[x for kv in base("-", "corpus.txt").items() if kv[0] != "--cache-dir" for x in kv]]],
+    ids=lambda c: c[0],
+)
+def test_s3_cache_dir_without_a_server(cli, tmp_path, monkeypatch, command):
+    """An s3:// cache dir whose server does not answer: one line naming what could not be reached
+    (the S3 client's errors are not OSErrors; they escaped as tracebacks)."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()  # an earlier test's client may know another server
+    res, errors = cli(*command, "--cache-dir", "s3://nobucket/home")
+    assert res.exit_code == 2 and errors[0].startswith("error: cannot reach "), errors
