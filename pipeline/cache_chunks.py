@@ -22,12 +22,17 @@ PREFETCH_CHUNKS = 2  # chunks tokenised ahead of the model
 def tokenised_chunks(cfg, tokenizer, chunk_seqs: int, counters=None) -> Iterator[tuple]:
     """`chunk_stream` over ``cfg``'s source (a `CacheConfig`), run on the "cache-tokenise" thread;
     ``counters`` (a `SequenceStats`) counts what the sequence cutter kept and dropped."""
+    return prefetched(chunk_stream(source_sequences(cfg, tokenizer, counters), chunk_seqs, cfg.ctx))
+
+
+def source_sequences(cfg, tokenizer, counters=None) -> Iterator:
+    """The build's sequences, in its deterministic order: ``cfg``'s source documents (dataset, split,
+    text_column, config) cut by `pipeline.sequences` (ctx, prepend_bos, max_tokens)."""
     from pipeline.sequences import iter_sequences
     from pipeline.sources import iter_documents
 
     docs = iter_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.config)
-    seqs = iter_sequences(docs, tokenizer, cfg.ctx, cfg.prepend_bos, cfg.max_tokens, counters)
-    return prefetched(chunk_stream(seqs, chunk_seqs, cfg.ctx))
+    return iter_sequences(docs, tokenizer, cfg.ctx, cfg.prepend_bos, cfg.max_tokens, counters)
 
 
 def prefetched(chunks: Iterable, depth: int = PREFETCH_CHUNKS) -> Iterator:

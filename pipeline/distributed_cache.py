@@ -45,7 +45,7 @@ import numpy as np
 from pipeline import cache_runner as runner
 from pipeline import paths
 from pipeline.cache_attrs import root_attrs
-from pipeline.cache_chunks import probe_shapes
+from pipeline.cache_chunks import probe_shapes, source_sequences
 from pipeline.cache_plan import NeedModel, check_model, plan
 from pipeline.distributed_launch import Comm, PeerFailed, already_built, launch, parse_shard, under_launcher
 from pipeline.distributed_share import RECORDS, fold, recorded_chunks, run_share
@@ -171,9 +171,6 @@ def _device_for_rank(cfg):
 
 def _open_store(cfg, model, p, world_size: int) -> StoreWriter:
     """Rank 0: create (preallocated) or resume the store; holds the builder's lock until closed."""
-    from pipeline.sequences import iter_sequences
-    from pipeline.sources import iter_documents
-
     runner.check_writable(paths.cache_home(cfg.cache_dir))
     existing = read_attrs(p.location)
     chunk_seqs, inner = (
@@ -184,8 +181,7 @@ def _open_store(cfg, model, p, world_size: int) -> StoreWriter:
     if existing is None or read_key(zarr_store(p.location, read_only=True), MANIFEST_KEY) is None:
 
         def seqs():
-            docs = iter_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.config)
-            return iter_sequences(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos, cfg.max_tokens)
+            return source_sequences(cfg, model.tokenizer)
 
         head = list(itertools.islice(seqs(), chunk_seqs))
         if not head:

@@ -136,17 +136,16 @@ def _check_recipe(attrs: dict, model) -> None:
 
 def _regenerate(attrs: dict, model, m: Manifest, wanted: list[int]):
     """(chunk, tokens, doc_id, doc_offset) of each wanted chunk, from the build's own sequence stream."""
-    from pipeline.cache_chunks import chunk_stream
-    from pipeline.sequences import iter_sequences
-    from pipeline.sources import iter_documents
+    from pipeline.cache_chunks import chunk_stream, source_sequences
+    from pipeline.cache_plan import CacheConfig
 
     d = attrs["dataset"]
-    docs = iter_documents(d["dataset"], d["split"], d["text_column"], d["config"])
-    seqs = iter_sequences(
-        docs, model.tokenizer, int(attrs["ctx"]), bool(attrs["prepend_bos"]), attrs["max_tokens"]
-    )
+    source = {k: d[k] for k in ("dataset", "split", "text_column", "config")}
+    ctx, bos = int(attrs["ctx"]), bool(attrs["prepend_bos"])
+    recipe = CacheConfig(**source, ctx=ctx, prepend_bos=bos, max_tokens=attrs["max_tokens"])
+    seqs = source_sequences(recipe, model.tokenizer)
     todo = set(wanted)
-    for c, tokens, doc_id, doc_offset in chunk_stream(seqs, m.chunk_seqs, int(attrs["ctx"])):
+    for c, tokens, doc_id, doc_offset in chunk_stream(seqs, m.chunk_seqs, ctx):
         if c in todo:
             todo.discard(c)
             yield c, tokens, doc_id, doc_offset
