@@ -393,6 +393,8 @@ def _children(home: str) -> list:
         except Exception as e:
             raise (object_store_error(e, home) or e) from None
     root = Path(home)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"cache dir {root} is a file, not a directory")
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 

@@ -266,3 +266,10 @@ def test_s3_cache_dir_without_a_server(cli, tmp_path, monkeypatch, command):
     fsspec.filesystem("s3").clear_instance_cache()  # an earlier test's client may know another server
     res, errors = cli(*command, "--cache-dir", "s3://nobucket/home")
     assert res.exit_code == 2 and errors[0].startswith("error: cannot reach "), errors
+
+
+def test_ls_of_a_file_as_cache_dir(cli, tmp_path):
+    """``--cache-dir`` naming a file: ls said 'no stores in ...' and exited 0."""
+    (tmp_path / "afile").write_text("x")
+    res, errors = cli("ls", "--cache-dir", "afile")
+    assert res.exit_code == 2 and "not a directory" in errors[0], errors
