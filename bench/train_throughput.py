@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tsae.data.windows import WindowBatches  # noqa: E402
+from tsae.host_allocator import retain_freed_blocks  # noqa: E402
 from tsae.train.loop import auto_device  # noqa: E402
 from tsae.train.setup import build_sae  # noqa: E402
 from tsae.train.static_trainer import StaticTrainerConfig, train_static  # noqa: E402
@@ -122,6 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     device = auto_device(args.device)
+    # every arm (the bare loop too) under the allocator setting the trainers use; TSAE_RETAIN_FREED=0
+    # measures all of them with glibc's defaults
+    retain_freed_blocks_set = retain_freed_blocks() if device.type == "cpu" else False
 
     from pipeline.store import ActivationStore
 
@@ -141,7 +145,8 @@ def main(argv=None) -> int:
     common = dict(k=args.k, lr=1e-4, batch_windows=B, window=w, n_tokens=args.tokens, log_every=log_every,
                   progress=False, device=str(device), d_sae=d_sae, dead_window_tokens=10**9)
     print(json.dumps({"store": store.key, "hook": hook, "d_model": d, "d_sae": d_sae, "k": args.k,
-                      "tokens_per_step": step_tokens, "device": str(device), "tokens": args.tokens}))
+                      "tokens_per_step": step_tokens, "device": str(device), "tokens": args.tokens,
+                      "retain_freed_blocks": retain_freed_blocks_set}))
 
     rates: dict[str, float] = {}
     peaks: dict[str, float | None] = {}

@@ -8,6 +8,9 @@ OMP_NUM_THREADS=1 it equals the single-core wall time of an idle machine.
     OMP_NUM_THREADS=1 python bench/tsae_cost.py                       # d=576, F=4608, 32 x 128 tokens
     OMP_NUM_THREADS=1 python bench/tsae_cost.py --hidden 16 32 64    # h=32 is the default
     python bench/tsae_cost.py --d 64 --F 512 --reps 1                 # quick check
+    TSAE_RETAIN_FREED=0 python bench/tsae_cost.py                     # glibc's default thresholds
+
+Both models run with the trainers' allocator setting (tsae/host_allocator.py).
 
 Prints one line per setting, then as the LAST line the static/TSAE throughput ratio of the first
 setting as JSON (target >= 0.5).
@@ -22,6 +25,7 @@ import time
 
 import torch
 
+from tsae.host_allocator import retain_freed_blocks
 from tsae.models.topk import TopKConfig, TopKSAE
 from tsae.models.tsae import TemporalSAE
 
@@ -53,6 +57,7 @@ def main() -> None:
     p.add_argument("--no-lstm", action="store_true", help="time the use_lstm=False ablation")
     p.add_argument("--reps", type=int, default=3)
     a = p.parse_args()
+    retain_freed_blocks()  # as the trainers do; TSAE_RETAIN_FREED=0 measures glibc's defaults
 
     torch.manual_seed(0)
     static = TopKSAE(TopKConfig(d_in=a.d, d_sae=a.F, k=a.k)).train()

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
+from tsae.host_allocator import retain_freed_blocks
 
 METRICS = ("reconstruction", "splice", "stability", "lifetimes", "reach", "faithfulness", "probes")
 
@@ -77,6 +78,8 @@ def run_eval(cfg: EvalConfig, *, model=None) -> dict[str, dict]:
     saes = _load_saes(cfg.saes)
     model = model or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, cache_home=cfg.cache_dir)
     device = torch.device(model.device)
+    if device.type == "cpu":
+        retain_freed_blocks()  # [tokens, d_sae] temporaries reuse heap pages (tsae/host_allocator.py)
     for sae in saes.values():
         sae.to(device).eval()
     hook = _resolve_hook(cfg, saes)

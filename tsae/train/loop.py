@@ -51,8 +51,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tsae.host_allocator import retain_freed_blocks
 from tsae.models.base import SAE, SAEOutput
-from tsae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_latest
+from tsae.train.checkpoint import (
+    is_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_latest,
+)
 from tsae.train.distributed import current
 from tsae.train.schedule import Schedule
 
@@ -140,6 +147,8 @@ class TrainLoop:
     def __init__(self, model: SAE, cfg: LoopConfig, *, scale: float, device: str | torch.device = "auto",
                  out_dir: str | Path | None = None, log: JsonlLog | None = None):
         self.cfg, self.device, self.dist = cfg, auto_device(device), current()
+        if self.device.type == "cpu":
+            retain_freed_blocks()  # step temporaries reuse heap pages (host_allocator.py)
         self.model = model.to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.out_dir = Path(out_dir) if out_dir else None
@@ -311,7 +320,7 @@ class TrainLoop:
         root = self.out_dir / "checkpoints"
         path = save_checkpoint(root / name, self.model, self.opt, self.state)
         write_latest(root, name)
-        periodic = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        periodic = sorted(p for p in root.glob("step_*") if p.is_dir() and is_checkpoint(p))
         for old in periodic[: max(len(periodic) - self.cfg.keep_checkpoints, 0)]:
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
