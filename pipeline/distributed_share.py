@@ -35,7 +35,7 @@ from pipeline.store_layout import (
     zarr_store,
 )
 from pipeline.store_lock import is_held, try_lock, unlock
-from pipeline.store_writer import FLUSH_OVERHEAD, BackgroundWriter, Chunk, StoreWriter, chunk_sums
+from pipeline.store_writer import BackgroundWriter, Chunk, ManifestFlush, StoreWriter, chunk_sums
 
 RECORDS = "done"  # folder of per-chunk records while a distributed build runs
 _RECORD_NAME = re.compile(r"^(\d{8})\.json$")  # not a writer's temporary file
@@ -113,8 +113,7 @@ class ShareWriter:
         self._arrays = {name: group[name] for name in array_names(hooks)}
         self._capacity = next(iter(self._arrays.values())).shape[0]
         self._chunk_seqs = int(group.attrs["chunk_seqs"])
-        self._dirty = False
-        self._last_flush, self._flush_cost = time.perf_counter(), 0.0
+        self._flush = ManifestFlush(self.store)
 
     def write(self, chunk: Chunk) -> None:
         start, n = chunk.index * self._chunk_seqs, len(chunk.tokens)
@@ -138,19 +137,13 @@ class ShareWriter:
                 "are kept, rerun the same command to resume"
             ) from None
         if self.manifest is not None:
-            self._dirty |= fold(self.manifest, self.store) > 0
+            self._flush.dirty |= fold(self.manifest, self.store) > 0
             self.flush(force=False)
 
     def flush(self, force: bool = True) -> None:
-        """Rank 0: replace manifest.json when chunks were folded since (throttled like StoreWriter's)."""
-        now = time.perf_counter()
-        if self.manifest is None or not self._dirty:
-            return
-        if not force and now - self._last_flush < self._flush_cost / FLUSH_OVERHEAD:
-            return
-        write_key(self.store, MANIFEST_KEY, self.manifest.to_bytes())
-        self._last_flush = time.perf_counter()
-        self._flush_cost, self._dirty = self._last_flush - now, False
+        """Rank 0: replace manifest.json when chunks were folded since (throttled: ManifestFlush)."""
+        if self.manifest is not None:
+            self._flush(self.manifest, force)
 
 
 def run_share(cfg, model, p, comm: Comm, writer: StoreWriter | None) -> dict:

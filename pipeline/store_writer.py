@@ -57,6 +57,27 @@ from pipeline.store_lock import check_held, lock_builder, unlock
 FLUSH_OVERHEAD = 0.02  # at most this share of wall time goes to rewriting the manifest
 
 
+class ManifestFlush:
+    """Rewrites manifest.json when chunks completed since the last rewrite (`dirty`).  Unforced
+    rewrites are throttled: the next one waits until the last one's cost is FLUSH_OVERHEAD of the
+    time since, so a slow store (S3) is rewritten less often.  Shared by StoreWriter and the
+    distributed ShareWriter (rank 0)."""
+
+    def __init__(self, store):
+        self.store, self.dirty = store, False
+        self._last, self._cost = time.perf_counter(), 0.0
+
+    def __call__(self, manifest: Manifest, force: bool = True) -> bool:
+        """Rewrite if dirty and (forced or due); True when it wrote.  OSError propagates."""
+        now = time.perf_counter()
+        if not self.dirty or (not force and now - self._last < self._cost / FLUSH_OVERHEAD):
+            return False
+        write_key(self.store, MANIFEST_KEY, manifest.to_bytes())
+        self._last = time.perf_counter()
+        self._cost, self.dirty = self._last - now, False
+        return True
+
+
 @dataclass
 class Chunk:
     """One write unit: sequences ``[index * chunk_seqs, index * chunk_seqs + n)`` of every array."""
@@ -122,8 +143,7 @@ class StoreWriter:
         self._store = group.store
         self._arrays = {name: group[name] for name in layout.specs()}
         self._capacity = next(iter(self._arrays.values())).shape[0]
-        self._dirty = False
-        self._last_flush, self._flush_cost = time.perf_counter(), 0.0
+        self._flush = ManifestFlush(self._store)
         self.durable_chunks = manifest.completed_chunks  # chunks named by the manifest on disk
 
     # ---------------------------------------------------------------------------- open / create
@@ -220,21 +240,17 @@ class StoreWriter:
             m.sums[h] = m.sums[h] + s
         m.completed_chunks += 1
         m.n_seq = start + n
-        self._dirty = True
+        self._flush.dirty = True
         self.flush(force=False)
 
     def flush(self, force: bool = True) -> None:
         """Replace manifest.json if chunks completed since the last time (and, unless forced, it is due)."""
-        now = time.perf_counter()
-        if not self._dirty or (not force and now - self._last_flush < self._flush_cost / FLUSH_OVERHEAD):
-            return
         try:
-            write_key(self._store, MANIFEST_KEY, self.manifest.to_bytes())
+            wrote = self._flush(self.manifest, force)
         except OSError as e:
             raise _io_error(e, "writing manifest.json", self) from None
-        self._last_flush = time.perf_counter()
-        self._flush_cost, self._dirty = self._last_flush - now, False
-        self.durable_chunks = self.manifest.completed_chunks
+        if wrote:
+            self.durable_chunks = self.manifest.completed_chunks
 
     def finish(self, extra_attrs: dict) -> dict:
         """Trim to the sequences written, record stats, set status complete; returns the final attrs."""
@@ -324,12 +340,11 @@ def _create_arrays(group, layout: Layout, capacity_seqs: int) -> None:
 def _io_error(e: OSError, what: str, writer: StoreWriter) -> StoreError:
     """A one-line error that counts the chunks the manifest on disk names (what a resume keeps):
     the manifest is replaced first if it can be, which on a full disk it often cannot."""
-    if writer._dirty:
-        try:
-            write_key(writer._store, MANIFEST_KEY, writer.manifest.to_bytes())
-            writer.durable_chunks, writer._dirty = writer.manifest.completed_chunks, False
-        except OSError:
-            pass
+    try:
+        if writer._flush(writer.manifest, force=True):
+            writer.durable_chunks = writer.manifest.completed_chunks
+    except OSError:
+        pass
     kept = f"the {writer.durable_chunks} completed chunks are kept; rerun the same command to resume"
     if e.errno == errno.ENOSPC:
         return StoreError(f"disk full while {what} in {writer.location}: {kept} after freeing space")
