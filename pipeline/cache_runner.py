@@ -107,6 +107,8 @@ def check_writable(home) -> None:
     """Raise StoreError unless the (local) cache home can hold new files."""
     if paths.is_url(home):
         return
+    if Path(home).exists() and not Path(home).is_dir():
+        raise StoreError(f"cache dir {home} is a file, not a directory")
     try:
         Path(home).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=home, prefix=".write-test-"):

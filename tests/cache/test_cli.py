@@ -92,6 +92,7 @@ def test_unwritable_cache_dir_and_rm_outside(tmp_cache_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     assert_one_error(run("build", *TINY, "--cache-dir", blocker / "cache"), "not writable")
+    assert_one_error(run("build", *TINY, "--cache-dir", blocker), "is a file, not a directory")
     assert_one_error(run("rm", tmp_path), "refusing to remove", "not a store directly under the cache dir")
     assert_one_error(run("rm", "tiny_L1_ctx32_000000000000"), "no activation store")
     assert_one_error(run("info", "tiny_L1_ctx32_000000000000"), "no activation store")
