@@ -12,6 +12,15 @@ import torch
 from torch import Tensor, nn
 
 
+def firing_counts(codes: Tensor) -> tuple[Tensor, int]:
+    """(int32 [d_sae] number of tokens on which each latent is active (> 0), number of tokens) of
+    codes [..., d_sae] or their bool activity mask.  Mean L0 is counts.sum() / tokens.  (Counted
+    in int32: a bool sum would first widen [tokens, d_sae] to int64.)"""
+    active = codes.detach().reshape(-1, codes.shape[-1])
+    active = active if active.dtype == torch.bool else active > 0
+    return active.sum(0, dtype=torch.int32), active.shape[0]
+
+
 class FiringTracker(nn.Module):
     def __init__(self, d_sae: int):
         super().__init__()
@@ -22,9 +31,11 @@ class FiringTracker(nn.Module):
     @torch.no_grad()
     def update(self, codes: Tensor) -> None:
         """Record one batch of codes [..., d_sae] (active means > 0)."""
-        active = codes.detach().reshape(-1, codes.shape[-1]) > 0
-        n_tokens = active.shape[0]
-        fired = active.sum(0)
+        self.record(*firing_counts(codes))
+
+    @torch.no_grad()
+    def record(self, fired: Tensor, n_tokens: int) -> None:
+        """Record one batch given its firing_counts."""
         self.fire_count += fired
         self.tokens_seen += n_tokens
         self.tokens_since_fired += n_tokens

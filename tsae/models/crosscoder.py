@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tsae.models.activity import FiringTracker
+from tsae.models.activity import FiringTracker, firing_counts
 from tsae.models.base import SAE, SAEConfig, SAEOutput
 from tsae.models.registry import register
 from tsae.models.static import data_centre, unit_rows
@@ -96,8 +96,9 @@ class TemporalCrosscoder(SAE):
         k = int(coeffs.get("k", self.cfg.k))
         if k != self.cfg.k:
             codes = topk_activation(pre, k)
+        fired, n_tokens = firing_counts(codes)
         if self.training:
-            self.activity.update(codes)
+            self.activity.record(fired, n_tokens)
         X, valid = self.windows(x)
         mask = valid[..., None].to(x.dtype)
         residual = (X - self.decode_window(codes)) * mask  # [B, T, W, d]
@@ -108,9 +109,8 @@ class TemporalCrosscoder(SAE):
         aux = auxk_loss(residual, pre, dead, k_aux, lambda z: self.decode_window(z, bias=False) * mask)
         mse_window = mse_lag.sum()
         loss = mse_window + coeffs.get("auxk", self.cfg.auxk) * aux
-        l0 = (codes > 0).float().sum(-1).mean()
         return {"loss": loss, "mse": mse_lag[0], "mse_window": mse_window, "auxk": aux,
-                "l0": l0.detach(), "dead_frac": dead.float().mean()}
+                "l0": fired.sum() / n_tokens, "dead_frac": dead.float().mean()}
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from tsae.models.activity import firing_counts
 from tsae.models.base import SAEOutput
 from tsae.models.registry import register
 from tsae.models.static import StaticSAE, StaticSAEConfig, reconstruction_mse
@@ -35,10 +36,10 @@ class ReluL1SAE(StaticSAE):
         return "standard", {}, {}
 
     def loss_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]) -> dict[str, Tensor]:
+        fired, n_tokens = firing_counts(out.codes)
         if self.training:
-            self.activity.update(out.codes)
+            self.activity.record(fired, n_tokens)
         mse = reconstruction_mse(x, out.x_hat)
         l1 = (out.codes * self.W_dec.norm(dim=-1)).sum(-1).mean()
         loss = mse + coeffs.get("l1", self.cfg.l1) * l1
-        l0 = (out.codes > 0).float().sum(-1).mean()
-        return {"loss": loss, "mse": mse, "l1": l1, "l0": l0.detach()}
+        return {"loss": loss, "mse": mse, "l1": l1, "l0": fired.sum() / n_tokens}

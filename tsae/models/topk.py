@@ -33,16 +33,21 @@ import torch
 from torch import Tensor
 
 from tsae.models import batch_ops
+from tsae.models.activity import firing_counts
 from tsae.models.base import SAEOutput
 from tsae.models.registry import register
 from tsae.models.static import StaticSAE, StaticSAEConfig, reconstruction_mse
 
 
 def topk_activation(pre: Tensor, k: int) -> Tensor:
-    """Keep the k largest entries of ReLU(pre) along the last dim, zero the rest."""
+    """Keep the k largest entries of ReLU(pre) along the last dim, zero the rest.
+
+    Selected first, rectified after: TopK_k(ReLU(pre)) = ReLU(TopK_k(pre)) (ReLU is monotone;
+    where fewer than k entries are positive, either way the extra picks write zeros), and the
+    ReLU and its backward then touch k entries per token instead of all d_sae."""
     k = min(int(k), pre.shape[-1])
-    values, idx = pre.relu().topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, idx, values)
+    values, idx = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, idx, values.relu())
 
 
 def batch_topk_activation(pre: Tensor, k: int) -> Tensor:
@@ -114,13 +119,13 @@ class KSparseSAE(StaticSAE):
         if k != self.cfg.k:
             codes = self.train_codes(pre, k) if self.training else topk_activation(pre, k)
             x_hat = self.decode(codes)
+        fired, n_tokens = firing_counts(codes)
         if self.training:
-            self.activity.update(codes)
+            self.activity.record(fired, n_tokens)
         dead = self.activity.dead_mask(self.cfg.dead_window_tokens)
         aux = auxk_loss(x - x_hat, pre, dead, self.k_aux, lambda z: z @ self.W_dec)
         return codes, x_hat, {"mse": reconstruction_mse(x, x_hat), "auxk": aux,
-                              "l0": (codes > 0).float().sum(-1).mean().detach(),
-                              "dead_frac": dead.float().mean()}
+                              "l0": fired.sum() / n_tokens, "dead_frac": dead.float().mean()}
 
 
 @register

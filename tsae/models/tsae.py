@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tsae.models.activity import firing_counts
 from tsae.models.base import SAEOutput
 from tsae.models.bridge import Bridge
 from tsae.models.carry_decoder import CarryDecoder
@@ -206,8 +207,9 @@ class TemporalSAE(KSparseSAE):
             out = self(x)
         cfg, codes, x_hat = self.cfg, out.codes, out.x_hat
         active = codes.detach() > 0
+        fired, n_tokens = firing_counts(active)
         if self.training:
-            self.activity.update(active)
+            self.activity.record(fired, n_tokens)
             self.lifecycle.update(active)
         dead = self.activity.dead_mask(cfg.dead_window_tokens)
         mse = reconstruction_mse(x, x_hat)
@@ -224,7 +226,7 @@ class TemporalSAE(KSparseSAE):
             gate_mean = gate_l1.detach()
         loss = mse + float(coeffs.get("auxk", cfg.auxk)) * aux + w_distill * distill + w_gate * gate_l1
         return {"loss": loss, "mse": mse, "auxk": aux, "distill": distill, "gate_l1": gate_l1,
-                "l0": active.sum(-1).float().mean(), "gate_mean": gate_mean,
+                "l0": fired.sum() / n_tokens, "gate_mean": gate_mean,
                 "dead_frac": dead.float().mean(), **self._carry_stats(out, codes)}
 
     @staticmethod
