@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from tsae.models.carry_coefficients import carry_coefficients
 from tsae.models.lifecycle import ages
 from tsae.models.lstm_gates import lifecycle_input
 from tsae.models.registry import load_sae
@@ -287,7 +288,8 @@ def test_the_temporal_decoder_reconstructs_through_the_dictionary():
         model.bridge.rho.fill_(1.0)
     x = _x()
     out = model(x)
-    c = out.aux["carried"]
+    c = model.carried(out.codes)
+    assert torch.equal(out.aux["coefficients"] - out.codes, c)
     assert torch.all(c[out.codes > 0] == 0)  # a firing feature is not carried on top of itself
     assert (c > 0).any()
     assert torch.allclose(out.x_hat, (out.codes + c) @ model.W_dec + model.b_dec, atol=1e-5)
@@ -309,3 +311,34 @@ def test_sparse_ops_match_dense_values_and_gradients_at_the_nonzero_codes():
         assert torch.allclose(ga[0][nz], gb[0][nz]) and torch.all(ga[0][~nz] == 0)
         if gb[1] is not None:
             assert torch.allclose(ga[1], gb[1])
+
+
+@pytest.mark.parametrize("w", [1, 3, 4, 12])
+def test_fused_carry_coefficients_match_the_composed_ops(w):
+    """carry_coefficients = f + gain * (sigma(l_r) * window_sum(f) / w + ReLU(l_p)) * 1[not f > 0],
+    values and every gradient (float64; codes with zeros, a negative edited entry, w > T = 9)."""
+    g = torch.Generator().manual_seed(w)
+    B, T, n = 3, 9, 11
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    codes = torch.relu(rand(B, T, n) - 0.5)
+    codes[0, 2, 3] = -0.7  # edited codes can be negative: they are not "firing", so they get a carry
+    codes.requires_grad_()
+    lr, lp = rand(B * T, n).requires_grad_(), rand(B * T, n).requires_grad_()
+    gain = rand(n)
+    gain[0] = 0.0
+    gain.requires_grad_()
+    inputs = (codes, lr, lp, gain)
+
+    got = carry_coefficients(codes, lr, lp, gain, nonzero_flat(codes), w)
+    c = (lr.sigmoid().view_as(codes) * window_sum(codes, w) / w + lp.relu().view_as(codes)) * gain
+    want = codes + torch.where(codes > 0, 0.0, c)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[codes > 0], codes[codes > 0])
+    weight = rand(B, T, n)
+    grads = torch.autograd.grad((got * weight).sum(), inputs)
+    refs = torch.autograd.grad((want * weight).sum(), inputs)
+    for name, a, b in zip(("codes", "logits_r", "logits_p", "gain"), grads, refs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name

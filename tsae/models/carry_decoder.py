@@ -28,7 +28,8 @@ Sparsity accounting: c_t is a deterministic function of the codes f_{t-w+1..t}, 
 information per token; L0 counts the codes f_t.  The number of carried features is logged
 (`carried`, see TemporalSAE.loss_terms) so it can be checked.
 
-Cost per token: the memory (as the encoder's), 2 h F for r and p, O(k w) for mu (sparse codes).
+Cost per token: the memory (as the encoder's), 2 h F for the logits of r and p, O(k w h) for mu and
+r where mu is nonzero (sparse codes; carry_coefficients.py fuses the rest).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from tsae.models.window_memory import WindowMemory, nonzero_flat, window_sum
+from tsae.models.carry_coefficients import carry_coefficients
+from tsae.models.window_memory import WindowMemory, nonzero_flat
 
 
 class CarryDecoder(nn.Module):
@@ -54,13 +56,9 @@ class CarryDecoder(nn.Module):
         self.b_p = nn.Parameter(torch.full((d_sae,), -1.0))
 
     def forward(self, codes: Tensor, gain: Tensor) -> Tensor:
-        """codes f [B, T, F], gain [F] -> carried coefficients c [B, T, F] (>= 0 where f >= 0)."""
+        """codes f [B, T, F], gain [F] -> the coefficients a = f + c [B, T, F] that x_hat decodes."""
         nz = nonzero_flat(codes)  # the firing entries, found once for the memory, mu and the mask
         d = self.memory(codes, nz).flatten(0, 1)  # [B*T, h]
-        r = torch.addmm(self.b_r, d, self.W_r).sigmoid_().view_as(codes)
-        p = torch.addmm(self.b_p, d, self.W_p).relu_().view_as(codes)
-        mu = window_sum(codes, self.window, nz)
-        # one fused pass: p + r * mu / w; zeroed where f_t fires (f > 0 among the nonzero entries); gain
-        fires = nz[codes.detach().reshape(-1)[nz] > 0]
-        c = torch.addcmul(p, r, mu, value=1.0 / self.window)
-        return c.view(-1).index_fill_(0, fires, 0.0).view_as(codes) * gain
+        logits_r = torch.addmm(self.b_r, d, self.W_r)  # [B*T, F]
+        logits_p = torch.addmm(self.b_p, d, self.W_p)
+        return carry_coefficients(codes, logits_r, logits_p, gain, nz, self.window)

@@ -168,15 +168,19 @@ class TemporalSAE(KSparseSAE):
     def encode(self, x: Tensor) -> Tensor:
         return self._encode(x)[0]
 
-    def carried(self, codes: Tensor) -> Tensor | None:
-        """c [B, T, F], the coefficients the temporal decoder adds to `codes` (None when shut)."""
+    def coefficients(self, codes: Tensor) -> Tensor:
+        """a = f + c [B, T, F]: the codes plus what the temporal decoder carries (codes when shut)."""
         if not (self.cfg.use_temporal_decoder and self.temporal_open):
-            return None
+            return codes
         return self.carry(codes, self.bridge.decoder_gain(self.gate_open))
 
+    def carried(self, codes: Tensor) -> Tensor | None:
+        """c [B, T, F], the coefficients the temporal decoder adds to `codes` (None when shut)."""
+        a = self.coefficients(codes)
+        return None if a is codes else a - codes
+
     def decode(self, codes: Tensor) -> Tensor:
-        c = self.carried(codes)
-        return super().decode(codes if c is None else codes + c)
+        return super().decode(self.coefficients(codes))
 
     def forward(self, x: Tensor) -> SAEOutput:
         codes, pre, f_s, g = self._encode(x)
@@ -184,11 +188,10 @@ class TemporalSAE(KSparseSAE):
                "k": torch.tensor(self.k)}
         if g is not None:
             aux["gates"] = g  # sigma(gate logits); g_t = gate_open * aux["gates"]
-        c = self.carried(codes)
-        if c is not None:
-            aux["carried"] = c
-        x_hat = super().decode(codes if c is None else codes + c)
-        return SAEOutput(x_hat=x_hat, codes=codes, aux=aux)
+        a = self.coefficients(codes)
+        if a is not codes:
+            aux["coefficients"] = a  # f + c; the carried part c = a - f
+        return SAEOutput(x_hat=super().decode(a), codes=codes, aux=aux)
 
     # ---- training ----------------------------------------------------------------------------
     def _stale(self, out: SAEOutput, coeffs: dict[str, float]) -> bool:
@@ -234,10 +237,11 @@ class TemporalSAE(KSparseSAE):
         """On the batch's first sequence (a logged diagnostic, kept cheap): carried = features per
         token the decoder adds with strength > 1% of the mean code; carry_share = the carried
         coefficients' share of all coefficients.  Both 0 while the decoder is shut."""
-        c = out.aux.get("carried")
-        if c is None:
+        coefficients = out.aux.get("coefficients")
+        if coefficients is None:
             return {"carried": codes.new_zeros(()), "carry_share": codes.new_zeros(())}
-        a, codes = c[0].detach().abs(), codes[0].detach()
+        codes = codes[0].detach()
+        a = (coefficients[0].detach() - codes).abs()
         code_sum, carry_sum = codes.sum(), a.sum()
         mean_code = code_sum / (codes > 0).sum().clamp(min=1)
         return {"carried": (a > 0.01 * mean_code).sum() / a[..., 0].numel(),
