@@ -127,14 +127,16 @@ class DistInfo:
         if not self.active:
             yield
             return
-        for m in trackers:
-            m.update = functools.partial(_global_update, m, m.update)
+        # the method that changes the buffers: FiringTracker.update goes through record
+        methods = [(m, "record" if isinstance(m, FiringTracker) else "update") for m in trackers]
+        for m, name in methods:
+            setattr(m, name, functools.partial(_global_update, m, getattr(m, name)))
         try:
             with batch_ops.global_batch():
                 yield
         finally:
-            for m in trackers:
-                del m.update
+            for m, name in methods:
+                delattr(m, name)
 
 
 # Buffers that are not per-batch sums: "fired within the batch" resets / sets them.
@@ -142,14 +144,14 @@ _RESET_ON_FIRE, _SET_ON_FIRE = "tokens_since_fired", "ever_fired"
 
 
 @torch.no_grad()
-def _global_update(tracker: nn.Module, local_update, codes: Tensor) -> None:
+def _global_update(tracker: nn.Module, local_update, *batch) -> None:
     """Run the tracker's own update on this rank's share, then replace the result by the update the
     global batch would have made.  Every count (tokens seen, fires, births, deaths, runs, histogram)
     is a sum over rows, so its increments add up over ranks (rows are whole windows); a latent fired
     in the global batch iff its summed fire count grew; then
         tokens_since_fired = 0 if fired else before + N,   ever_fired = before | fired."""
     before = {name: b.clone() for name, b in tracker.named_buffers()}
-    local_update(codes)
+    local_update(*batch)
     summed = [n for n in before if n not in (_RESET_ON_FIRE, _SET_ON_FIRE)]
     delta = torch.cat([(getattr(tracker, n) - before[n]).reshape(-1) for n in summed])
     dist.all_reduce(delta)
