@@ -69,6 +69,21 @@ def test_topk_exactly_k_active_and_k_override():
     assert sae.loss_terms(x, out, {})["l0"].item() == 4
 
 
+def test_set_coeffs_k_sparsifies_once_in_the_forward():
+    """k annealing as the trainer runs it: set_coeffs before forward, so the forward already
+    sparsifies at the step's k and the loss uses its codes and x_hat (no second TopK + decode)."""
+    sae = _topk().train()
+    x = torch.randn(4, 6, 16)
+    sae.set_coeffs({"k": 9})
+    out = sae(x)
+    assert ((out.codes > 0).sum(-1) == 9).all()
+    codes, x_hat, terms = sae.sparse_terms(x, out, {"k": 9})
+    assert codes is out.codes and x_hat is out.x_hat and terms["l0"].item() == 9
+    sae.set_coeffs({})
+    assert ((sae(x).codes > 0).sum(-1) == 4).all()
+    assert sae.eval()(x).codes.ne(0).sum(-1).eq(4).all()  # inference: cfg.k
+
+
 def test_auxk_zero_without_dead_and_reaches_only_dead_latents():
     sae = _topk(dead_window_tokens=100, k_aux=6)
     sae.train()

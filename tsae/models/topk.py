@@ -91,7 +91,20 @@ class TopKConfig(StaticSAEConfig):
 
 class KSparseSAE(StaticSAE):
     """A static SAE with k-sparse codes and aux-k against dead latents (TopK, T-SAE; the TSAE keeps
-    its own forward and loss but shares k_aux); cfg: a TopKConfig."""
+    its own forward and loss but shares k_aux and the step's k); cfg: a TopKConfig."""
+
+    def __init__(self, cfg: TopKConfig):
+        super().__init__(cfg)
+        self.k_step: int | None = None  # set by set_coeffs for k annealing; not saved
+
+    def set_coeffs(self, coeffs: dict[str, float]) -> None:
+        """Take the step's k (annealing) before forward; cfg.k when coeffs has none."""
+        self.k_step = int(coeffs["k"]) if "k" in coeffs else None
+
+    @property
+    def k(self) -> int:
+        """The training sparsifier's k this step."""
+        return self.k_step if self.k_step is not None else self.cfg.k
 
     @property
     def k_aux(self) -> int:
@@ -107,16 +120,20 @@ class KSparseSAE(StaticSAE):
 
     def forward(self, x: Tensor) -> SAEOutput:
         pre = self.pre_activations(x)
-        codes = self.train_codes(pre, self.cfg.k) if self.training else self.activation(pre)
-        return SAEOutput(x_hat=self.decode(codes), codes=codes, aux={"pre": pre})
+        if not self.training:  # inference: cfg.k (or the T-SAE's threshold)
+            codes = self.activation(pre)
+            return SAEOutput(x_hat=self.decode(codes), codes=codes, aux={"pre": pre})
+        codes = self.train_codes(pre, self.k)
+        return SAEOutput(x_hat=self.decode(codes), codes=codes, aux={"pre": pre, "k": self.k})
 
     def sparse_terms(self, x: Tensor, out: SAEOutput, coeffs: dict[str, float]
                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(codes, x_hat, {"mse", "auxk" (unweighted), "l0", "dead_frac"}) at the step's k; in
-        training, the firing statistics are updated with the codes."""
+        training, the firing statistics are updated with the codes.  A forward that sparsified at
+        another k (set_coeffs not called with these coeffs) is redone from out.aux["pre"]."""
         pre, codes, x_hat = out.aux["pre"], out.codes, out.x_hat
         k = int(coeffs.get("k", self.cfg.k))
-        if k != self.cfg.k:
+        if k != int(out.aux.get("k", self.cfg.k)):
             codes = self.train_codes(pre, k) if self.training else topk_activation(pre, k)
             x_hat = self.decode(codes)
         fired, n_tokens = firing_counts(codes)

@@ -58,7 +58,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tsae.models.activity import firing_counts
 from tsae.models.base import SAEOutput
 from tsae.models.bridge import Bridge
 from tsae.models.carry_decoder import CarryDecoder
@@ -66,7 +65,7 @@ from tsae.models.lifecycle import LifecycleTracker
 from tsae.models.lstm_gates import TemporalGates, lifecycle_input
 from tsae.models.registry import register
 from tsae.models.static import reconstruction_mse
-from tsae.models.topk import KSparseSAE, TopKConfig, TopKSAE, auxk_loss, topk_activation
+from tsae.models.topk import KSparseSAE, TopKConfig, TopKSAE, topk_activation
 from tsae.models.window_memory import WindowMemory, nonzero_flat
 
 
@@ -104,7 +103,6 @@ class TemporalSAE(KSparseSAE):
                 self.carry = CarryDecoder(F, **memory)
         self.register_buffer("gate_open", torch.zeros(()))
         self.lifecycle = LifecycleTracker(F)
-        self.k_step: int | None = None  # set by set_coeffs for k annealing
 
     @classmethod
     def from_static(cls, static: TopKSAE, **overrides) -> TemporalSAE:
@@ -136,15 +134,11 @@ class TemporalSAE(KSparseSAE):
         """Apply the step's gate_open and k before forward (k falls back to cfg.k when absent)."""
         if "gate_open" in coeffs:
             self.gate_open.fill_(self._gate_value(coeffs["gate_open"]))
-        self.k_step = int(coeffs["k"]) if "k" in coeffs else None
+        super().set_coeffs(coeffs)
 
     def _gate_value(self, gate: float) -> float:
         """gate clamped to [0, 1] and rounded to the buffer's dtype, exactly as stored."""
         return float(torch.tensor(min(max(float(gate), 0.0), 1.0), dtype=self.gate_open.dtype))
-
-    @property
-    def k(self) -> int:
-        return self.k_step if self.k_step is not None else self.cfg.k
 
     @property
     def temporal_open(self) -> bool:
@@ -184,8 +178,7 @@ class TemporalSAE(KSparseSAE):
 
     def forward(self, x: Tensor) -> SAEOutput:
         codes, pre, f_s, g = self._encode(x)
-        aux = {"pre": pre, "static_codes": f_s, "gate_open": self.gate_open.clone(),
-               "k": torch.tensor(self.k)}
+        aux = {"pre": pre, "static_codes": f_s, "gate_open": self.gate_open.clone(), "k": self.k}
         if g is not None:
             aux["gates"] = g  # sigma(gate logits); g_t = gate_open * aux["gates"]
         a = self.coefficients(codes)
@@ -208,16 +201,11 @@ class TemporalSAE(KSparseSAE):
                           "with this step's gate_open/k", stacklevel=2)
             self.set_coeffs(coeffs)
             out = self(x)
-        cfg, codes, x_hat = self.cfg, out.codes, out.x_hat
-        active = codes.detach() > 0
-        fired, n_tokens = firing_counts(active)
+        cfg = self.cfg
+        codes, _, terms = self.sparse_terms(x, out, coeffs)  # mse, aux-k, l0, dead_frac (as TopK's)
         if self.training:
-            self.activity.record(fired, n_tokens)
-            self.lifecycle.update(active)
-        dead = self.activity.dead_mask(cfg.dead_window_tokens)
-        mse = reconstruction_mse(x, x_hat)
-        aux = auxk_loss(x - x_hat, out.aux["pre"], dead, self.k_aux, lambda z: z @ self.W_dec)
-        zero = mse.new_zeros(())
+            self.lifecycle.update(codes)
+        zero = terms["mse"].new_zeros(())
         w_distill = float(coeffs.get("distill", cfg.distill))
         distill = self._distill(out) if w_distill else zero
         sig = out.aux.get("gates")  # sigma(...) without the gate_open factor
@@ -227,10 +215,10 @@ class TemporalSAE(KSparseSAE):
         else:
             gate_l1 = out.aux["gate_open"] * (sig if w_gate else sig.detach()).mean()
             gate_mean = gate_l1.detach()
-        loss = mse + float(coeffs.get("auxk", cfg.auxk)) * aux + w_distill * distill + w_gate * gate_l1
-        return {"loss": loss, "mse": mse, "auxk": aux, "distill": distill, "gate_l1": gate_l1,
-                "l0": fired.sum() / n_tokens, "gate_mean": gate_mean,
-                "dead_frac": dead.float().mean(), **self._carry_stats(out, codes)}
+        loss = (terms["mse"] + float(coeffs.get("auxk", cfg.auxk)) * terms["auxk"] + w_distill * distill
+                + w_gate * gate_l1)
+        return {"loss": loss, **terms, "distill": distill, "gate_l1": gate_l1, "gate_mean": gate_mean,
+                **self._carry_stats(out, codes)}
 
     @staticmethod
     def _carry_stats(out: SAEOutput, codes: Tensor) -> dict[str, Tensor]:
