@@ -94,3 +94,21 @@ def test_dead_latents_are_revived(data):
     fired = res.loop.model.lifecycle.fire_count[:8]
     assert (fired > 0).sum() >= 4  # most revived latents fire afterwards
     assert all(torch.isfinite(p).all() for p in res.sae.parameters())
+
+
+def test_the_distillation_teacher_decodes_sparsely_to_the_dense_result():
+    """static_teacher builds x_hat from the k nonzero codes (an embedding bag): the same codes as
+    the static SAE at the step's k, and x_hat equal to the dense codes @ W_dec + b_dec up to rounding."""
+    from tsae.models.topk import TopKConfig, topk_activation
+    from tsae.models.topk import TopKSAE as _TopK
+    from tsae.train.tsae_trainer import static_teacher
+
+    sae = _TopK(TopKConfig(d_in=24, d_sae=96, k=8, seed=3)).eval().requires_grad_(False)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(24))
+    x = torch.randn(3, 7, 24)
+    for k in (8, 5):
+        codes, x_hat = static_teacher(sae)(x, {"k": k})
+        want = topk_activation(sae.pre_activations(x), k)
+        assert torch.equal(codes, want) and ((codes > 0).sum(-1) <= k).all()
+        assert torch.allclose(x_hat, want @ sae.W_dec + sae.b_dec, atol=1e-5)
