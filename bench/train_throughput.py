@@ -8,7 +8,8 @@ Measured on the same store, at the same dictionary size, k and tokens per step (
     bare      forward + loss + backward + Adam step (+ decoder renorm) of a TopK SAE on in-memory
               tensors of the trainers' batch shape: the floor of what a training step costs
     topk      train_static(topk):       the shared loop + WindowBatches reading the store
-    tsae      train_tsae, refine phase (temporal path open), memory window 16
+    tsae      train_tsae, refine phase (temporal path open), memory window 16; with --tsae-phases all,
+              the three phases as the default experiment splits them (teacher forward included)
     t_sae     train_static(t_sae)       crosscoder  train_static(crosscoder, window 4)
     loader    WindowBatches alone over the same store (tokens/s it can deliver)
 
@@ -121,6 +122,10 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="tsae,t_sae,crosscoder", help="trainers besides topk")
     p.add_argument("--repeats", type=int, default=2, help="alternations of bare loop and topk trainer")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tsae-phases", choices=("refine", "all"), default="refine",
+                   help="refine: the TSAE's refine phase only (temporal path open throughout); all: the "
+                        "three phases in the default experiment's proportions (3/16 distill, 5/16 "
+                        "introduce, 1/2 refine) with k annealed from 2k, teacher forward included")
     args = p.parse_args(argv)
     device = auto_device(args.device)
     # every arm (the bare loop too) under the allocator setting the trainers use; TSAE_RETAIN_FREED=0
@@ -173,9 +178,14 @@ def main(argv=None) -> int:
     if "tsae" in only:
         static = build_sae("topk", d, d_sae, 0, k=args.k)
         cuda_reset(device)
-        tcfg = TSAETrainerConfig(k=args.k, distill_tokens=0, introduce_tokens=0, refine_tokens=args.tokens,
-                                 memory_window=16, lr=1e-4, batch_windows=B, window=w, log_every=log_every,
-                                 progress=False, device=str(device), dead_window_tokens=10**9)
+        n = args.tokens
+        phases = dict(distill_tokens=0, introduce_tokens=0, refine_tokens=n, k_start=0)
+        if args.tsae_phases == "all":
+            phases = dict(distill_tokens=3 * n // 16, introduce_tokens=5 * n // 16,
+                          refine_tokens=n - 3 * n // 16 - 5 * n // 16, k_start=2 * args.k)
+        tcfg = TSAETrainerConfig(k=args.k, **phases, memory_window=16, lr=1e-4, batch_windows=B,
+                                 window=w, log_every=log_every, progress=False, device=str(device),
+                                 dead_window_tokens=10**9)
         res = train_tsae(tcfg, acts, static=static)
         rates["tsae"], peaks["tsae"] = interval_rate(res.records), cuda_peak(device)
 
@@ -187,7 +197,8 @@ def main(argv=None) -> int:
     print(json.dumps({"name": "loader_headroom", "value": headroom, "target": ">= 5"}))
     for arch, target in (("tsae", ">= 0.5"), ("t_sae", None), ("crosscoder", None)):
         if arch in rates:
-            line = {"name": f"{arch}_vs_topk_trainer", "value": round(rates[arch] / topk, 3)}
+            name = "tsae_all_phases" if arch == "tsae" and args.tsae_phases == "all" else arch
+            line = {"name": f"{name}_vs_topk_trainer", "value": round(rates[arch] / topk, 3)}
             print(json.dumps({**line, "target": target} if target else line))
     print(json.dumps({"name": "topk_trainer_vs_bare_loop", "value": round(topk / rates["bare"], 3),
                       "target": ">= 0.95"}))
