@@ -149,3 +149,20 @@ def test_log_records_carry_the_measurements(data):
     assert 6 < logs[0]["l0"] <= np.mean(k_first)  # L0 <= k: TopK keeps only positive codes
     assert logs[-1]["l0"] == 4.0
     assert logs[0]["mse"] > logs[-1]["mse"]
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_gradients_is_clip_grad_norm(max_norm):
+    """Bitwise the gradients torch's clip_grad_norm_ leaves, both when it clips and when it does not."""
+    from tsae.train.loop import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(30, 7, generator=g)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for ps in (ours, theirs):
+        (sum((p * p).sum() for p in ps) * 3.0).backward()
+    loss, norm = clip_gradients(ours, torch.tensor(2.5), max_norm)
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert loss == 2.5 and norm == pytest.approx(float(want), rel=1e-6) and norm > 0.5
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)

@@ -67,6 +67,18 @@ Callback = Callable[["TrainLoop", Tensor, SAEOutput, dict[str, Tensor]], None]
 Teacher = Callable[[Tensor, dict[str, float]], tuple[Tensor, Tensor]]
 
 
+def clip_gradients(params: Sequence[Tensor], loss: Tensor, max_norm: float) -> tuple[float, float]:
+    """Clip the gradients of `params` to total norm max_norm exactly as clip_grad_norm_ does, and
+    return (loss, the norm before clipping) as floats, read in the step's one device sync.  Unlike
+    clip_grad_norm_, gradients within the bound are left alone instead of multiplied by 1.0 (the
+    same numbers, one pass over every gradient fewer)."""
+    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    loss_v, gnorm_v = torch.stack([loss.detach(), gnorm.detach()]).tolist()
+    if gnorm_v > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, gnorm)
+    return loss_v, gnorm_v
+
+
 def auto_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         # the explicit index: the loader's thread would otherwise copy to cuda:0 on every rank
@@ -247,8 +259,7 @@ class TrainLoop:
                 if self.dist.active:
                     n_local = n_tokens
                     loss, n_tokens = self.dist.reduce_step(params, loss, n_local)
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                loss_v, gnorm_v = torch.stack([loss, gnorm.detach()]).tolist()
+                loss_v, gnorm_v = clip_gradients(params, loss, cfg.grad_clip)
 
                 s["step"] += 1
                 s["batches"] += 1
