@@ -60,22 +60,59 @@ class TrainRunConfig:
     overwrite: bool = False
 
 
+# value ranges of trainer config fields (StaticTrainerConfig, TSAETrainerConfig, their loop fields)
+_POSITIVE = {"k", "lr", "batch_windows", "window", "n_tokens", "expansion", "memory_window", "lstm_hidden",
+             "log_every", "grad_clip"}
+_NON_NEGATIVE = {"k_start", "d_sae", "auxk", "l1", "gate_l1", "lr_warmup_tokens", "skip_positions",
+                 "dead_window_tokens", "distill_tokens", "introduce_tokens", "refine_tokens",
+                 "revive_every_tokens", "checkpoint_every"}
+_FRACTIONS = {"k_anneal_frac", "l1_warm_up_frac", "lr_decay_frac"}
+
+
+def _checked(cls, f: dataclasses.Field, value: Any) -> Any:
+    """`value` for field f (an integral float such as 1e6 becomes an int for an int field); a
+    UserError unless it has the type of the field's default and lies in the field's range."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = number and float(value).is_integer()
+    elif isinstance(default, float):
+        ok = number
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return value  # containers and nested configs: checked where they are used
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+        raise UserError(f"{cls.__name__}.{f.name} must be {kind}, got {value!r}")
+    if ((f.name in _POSITIVE and not value > 0) or (f.name in _NON_NEGATIVE and not value >= 0)
+            or (f.name in _FRACTIONS and not 0 <= value <= 1)):
+        bound = "> 0" if f.name in _POSITIVE else ">= 0" if f.name in _NON_NEGATIVE else "in [0, 1]"
+        raise UserError(f"{cls.__name__}.{f.name} must be {bound}, got {value!r}")
+    return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
+
+
 def _trainer_config(cfg: TrainRunConfig):
     from tsae.train.static_trainer import StaticTrainerConfig
     from tsae.train.tsae_trainer import TSAETrainerConfig
 
     def build(cls, fields: dict[str, Any]):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - set(known))
         if unknown:
             raise UserError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        return cls(**fields)
+        return cls(**{name: _checked(cls, known[name], value) for name, value in fields.items()})
 
     static = build(StaticTrainerConfig, {"architecture": cfg.architecture if cfg.architecture != "tsae"
                                          else "topk", **cfg.static})
     if cfg.architecture != "tsae":
         return static
-    return build(TSAETrainerConfig, {**cfg.tsae, "static": static})
+    tsae = build(TSAETrainerConfig, {**cfg.tsae, "static": static})
+    if tsae.n_tokens <= 0:
+        raise UserError("TSAETrainerConfig: distill_tokens + introduce_tokens + refine_tokens must be > 0")
+    return tsae
 
 
 def _hook(store, wanted: str | None) -> str:
@@ -135,6 +172,8 @@ def run_training(cfg: TrainRunConfig):
 
     if cfg.architecture not in ARCHS:
         raise UserError(f"unknown architecture {cfg.architecture!r}; choose from {', '.join(ARCHS)}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
     tcfg = _trainer_config(cfg)
     store = ActivationStore.open(cfg.store, cfg.cache_dir)
     hook = _hook(store, cfg.hook)

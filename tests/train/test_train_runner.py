@@ -85,3 +85,31 @@ def test_cli_bad_inputs_are_one_line(store, tmp_path, capsys):
                  "--static-sae", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "k=-3"], "StaticTrainerConfig.k must be > 0, got -3"),
+    (["--set", "k=abc"], "StaticTrainerConfig.k must be an integer, got 'abc'"),
+    (["--set", "lr=-1"], "StaticTrainerConfig.lr must be > 0"),
+    (["--set", "n_tokens=0"], "StaticTrainerConfig.n_tokens must be > 0"),
+    (["--set", "lr_decay_frac=2"], "lr_decay_frac must be in [0, 1]"),
+    (["--set", "progress=1"], "progress must be true or false"),
+    (["--val-fraction", "1.5"], "val_fraction must be in (0, 1)"),
+    (["--arch", "tsae", "--set", "memory_window=0"], "TSAETrainerConfig.memory_window must be > 0"),
+    (["--arch", "tsae", "--set", "distill_tokens=0", "--set", "introduce_tokens=0",
+      "--set", "refine_tokens=0"], "must be > 0"),
+])
+def test_bad_trainer_values_are_one_line_and_write_nothing(store, tmp_path, capsys, args, message):
+    """Values that would crash deep in training (a traceback) or train nothing are refused first."""
+    out = tmp_path / "out"
+    assert main(["--store", str(store.location), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_integral_floats_are_accepted_for_integer_fields(store, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--store", str(store.location), "--out", str(out), "--set", "n_tokens=2e3",
+                 "--set", "k=4", "--set", "batch_windows=4", "--set", "window=8", "--set", "d_sae=64"]) == 0
+    assert json.loads((out / "trainer_cfg.json").read_text())["n_tokens"] == 2000

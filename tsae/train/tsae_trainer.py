@@ -60,7 +60,7 @@ class TSAETrainerConfig(TrainerLoopFields):
     refine_tokens: int = 5_000_000
     gate_shape: str = "cosine"  # shape of the gate_open warm-up ramp
     memory_window: int = 16  # the TSAE's memory window w
-    lstm_hidden: int = 32  # the TSAE default: 0.55x TopK speed (h=64: 0.48x), docs/architecture.md
+    lstm_hidden: int = 32  # the TSAE default: 0.61x TopK model speed (h=64: 0.52x), docs/architecture.md
     lr: float = 3e-4
     lr_warmup_tokens: int = 0
     lr_decay_frac: float = 0.2
