@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--tsae-phases", choices=("refine", "all"), default="refine",
                    help="refine: the TSAE's refine phase only (temporal path open throughout); all: the "
                         "three phases in the default experiment's proportions (3/16 distill, 5/16 "
-                        "introduce, 1/2 refine) with k annealed from 2k, teacher forward included")
+                        "introduce, 1/2 refine) with k annealed from 2k, teacher forward included; the "
+                        "topk arm keeps k fixed, as the experiment's static baselines do")
     args = p.parse_args(argv)
     device = auto_device(args.device)
     # every arm (the bare loop too) under the allocator setting the trainers use; TSAE_RETAIN_FREED=0

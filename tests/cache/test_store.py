@@ -171,6 +171,7 @@ def test_no_tokeniser_thread_outlives_a_build(tiny_model, tmp_cache_dir, monkeyp
 
     def fails_in_chunk_2(self, tokens, hooks):
         calls.append(1)
+        assert tokeniser_threads(), "no tokeniser thread during the build: this test would prove nothing"
         if len(calls) == 3:  # 2 forwards per chunk of 8 at batch 4; chunks 3-4 are queued meanwhile
             raise RuntimeError("forward failed")
         return forward(self, tokens, hooks)

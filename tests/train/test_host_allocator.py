@@ -43,9 +43,9 @@ def probe(**env) -> dict:
 def test_retained_blocks_are_reused_without_page_faults():
     on, off = probe(), probe(TSAE_RETAIN_FREED="0")
     assert on["applied"] and on["again"] and not off["applied"]
-    # 3 temporaries of 64 MB = 49,152 pages of 4 KiB, mapped and faulted in on every step by default
-    assert off["faults"] > 30_000, off
-    assert on["faults"] < 500, on  # measured 0 after the warm-up
+    # by default 3 temporaries of 64 MB are mapped and faulted in on every step (49,152 faults with
+    # 4 KiB pages, measured; fewer where transparent huge pages are always on); retained: 0, measured
+    assert off["faults"] > 0 and on["faults"] * 20 < off["faults"], (on, off)
 
 
 @glibc
