@@ -3,7 +3,7 @@
     encoder:  pre_t   = s_t + lambda * g_t * tau_t           lambda [F]   (per feature)
     decoder:  c_t     = gate_open * rho * carried_t            rho [F]      (per feature)
 
-(carried_t = (r_t * mu_t + p_t) * 1[f_t = 0], carry_decoder.py.)  With `learned=True` both start at 0, so a
+(carried_t = (r_t * mu_t + p_t) * 1[f_t <= 0], carry_decoder.py.)  With `learned=True` both start at 0, so a
 freshly built TSAE is its static SAE even with the gates open; the optimiser then opens each
 feature's temporal input and output only as far as it lowers the loss.  With `learned=False` (the
 no-bridge ablation) lambda = rho = 1 are fixed buffers: the temporal terms enter at full strength
@@ -12,7 +12,7 @@ as soon as the gates open.
 The gains are folded into the small weights they multiply: encoder_gain = lambda * gate_open into
 the columns of the gates' W_tau (lstm_gates.py), so no extra pass over [B, T, F] activations is
 needed there; `encoder` then adds gate * tau.  decoder_gain = rho * gate_open [F] scales the
-decoder gates.
+carried coefficients (r_t * mu_t + p_t) (carry_coefficients.py).
 """
 
 from __future__ import annotations

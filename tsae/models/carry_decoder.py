@@ -6,7 +6,7 @@ Shapes: codes f [B, T, F], window w, LSTM hidden h.  For every position t:
     d_t  = LSTM_dec(Q^T f_{t-w+1}, ..., Q^T f_t)     window_memory.WindowMemory (inclusive)  [h]
     r_t  = sigma(d_t @ W_r + b_r)                    per-feature carry gates in (0, 1)       [F]
     p_t  = ReLU(d_t @ W_p + b_p)                     predicted coefficients (hand-overs)     [F]
-    c_t  = gain * (r_t * mu_t + p_t) * 1[f_t = 0]    the temporal decoder's coefficients      [F]
+    c_t  = gain * (r_t * mu_t + p_t) * 1[f_t <= 0]   the temporal decoder's coefficients      [F]
 
 and the TSAE reconstructs with its one dictionary: x_hat_t = (f_t + c_t) @ W_dec + b_dec, where
 gain = rho * gate_open [F] comes from the bridge (bridge.py; rho starts at 0, so a fresh TSAE is

@@ -19,8 +19,9 @@ Auxiliary-k loss against dead latents D (not fired in cfg.dead_window_tokens tok
 
 `KSparseSAE` holds what TopK and T-SAE share: the forward (training sparsifier `train_codes`,
 inference sparsifier `activation`), k for the step, firing statistics, MSE, aux-k and L0.
-coeffs["k"] overrides k for the step (k annealing): codes and x_hat are then recomputed from the
-pre-activations kept in out.aux["pre"], and the loss uses them.  coeffs["auxk"] weights L_aux
+The step's k (k annealing) is taken by `set_coeffs` before the forward, which sparsifies at it;
+a loss given coeffs["k"] other than the forward's k (out.aux["k"]) recomputes codes and x_hat from
+the pre-activations kept in out.aux["pre"].  coeffs["auxk"] weights L_aux
 (default cfg.auxk = 1/32).
 """
 

@@ -18,7 +18,7 @@ Shapes: x [B, T, d], F = d_sae, h = lstm_hidden, w = window, k = TopK.  For ever
     d_t     = LSTM_dec(Q^T f_{t-w+1}, ..., Q^T f_t)                      [h]     Q [F, h]
     r_t     = sigma(d_t @ W_r + b_r)                                     [F]     carry gates
     p_t     = ReLU(d_t @ W_p + b_p)                                      [F]     predicted codes
-    c_t     = gate_open * rho * (r_t * mu_t + p_t) * 1[f_t = 0]          [F]     rho [F], init 0
+    c_t     = gate_open * rho * (r_t * mu_t + p_t) * 1[f_t <= 0]         [F]     rho [F], init 0
     x_hat_t = (f_t + c_t) @ W_dec + b_dec                                [d]
 
 Receptive fields: f_t reads x_{t-w..t}; x_hat_t reads x_{t-2w+1..t} (its window of codes, each of
