@@ -51,7 +51,7 @@ from pipeline.distributed_launch import Comm, PeerFailed, already_built, launch,
 from pipeline.distributed_share import RECORDS, fold, recorded_chunks, run_share
 from pipeline.errors import SourceError, StoreError, UserError
 from pipeline.store import read_attrs
-from pipeline.store_layout import MANIFEST_KEY, STATUS_COMPLETE, Manifest, read_key, write_key, zarr_store
+from pipeline.store_layout import MANIFEST_KEY, STATUS_COMPLETE, Manifest, read_key, zarr_store
 from pipeline.store_writer import Layout, StoreWriter
 
 __all__ = [  # the CLI's and tests' names, wherever they live now
@@ -223,8 +223,8 @@ def _finish(writer: StoreWriter, outcomes: list[dict], t0: float) -> dict:
     me = outcomes[0]
     m, store = writer.manifest, writer.group.store
     fold(m, store, stop=me["n_chunks"])
-    writer.check_lock()
-    write_key(store, MANIFEST_KEY, m.to_bytes())
+    writer.manifest_changed()  # written unconditionally, as the progress point a rerun resumes from
+    writer.flush()  # lease checked first; an I/O error is one line
     if m.completed_chunks < me["n_chunks"]:
         recorded = recorded_chunks(store)
         missing = [c for c in range(m.completed_chunks, me["n_chunks"]) if c not in recorded]

@@ -35,7 +35,7 @@ from pipeline.store_layout import (
     zarr_store,
 )
 from pipeline.store_lock import is_held, try_lock, unlock
-from pipeline.store_writer import BackgroundWriter, Chunk, ManifestFlush, StoreWriter, chunk_sums
+from pipeline.store_writer import BackgroundWriter, Chunk, StoreWriter, chunk_sums
 
 RECORDS = "done"  # folder of per-chunk records while a distributed build runs
 _RECORD_NAME = re.compile(r"^(\d{8})\.json$")  # not a writer's temporary file
@@ -85,13 +85,21 @@ def fold(manifest: Manifest, store, stop: int | None = None) -> int:
         raw = read_key(store, record_key(c))
         if raw is None:
             break
-        rec = json.loads(raw)
-        if rec["chunk"] != c or not 0 < rec["n_seq"] <= manifest.chunk_seqs:
-            raise StoreError(f"record {record_key(c)} does not describe chunk {c}; remove it and rerun")
-        for name, digest in rec["checksums"].items():
+        bad = StoreError(f"record {record_key(c)} does not describe chunk {c}; remove it and rerun")
+        try:
+            rec = json.loads(raw)
+            if rec["chunk"] != c or not 0 < rec["n_seq"] <= manifest.chunk_seqs:
+                raise bad
+            checksums = {name: str(digest) for name, digest in rec["checksums"].items()}
+            sums = {h: StatSums.from_json(s) for h, s in rec["sums"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):  # damaged or foreign record
+            raise bad from None
+        if set(sums) - set(manifest.sums):
+            raise bad
+        for name, digest in checksums.items():
             manifest.checksums.setdefault(name, []).append(digest)
-        for h, s in rec["sums"].items():
-            manifest.sums[h] = manifest.sums[h] + StatSums.from_json(s)
+        for h, s in sums.items():
+            manifest.sums[h] = manifest.sums[h] + s
         manifest.completed_chunks += 1
         manifest.n_seq = c * manifest.chunk_seqs + rec["n_seq"]
         added += 1
@@ -106,14 +114,13 @@ class ShareWriter:
     `BackgroundWriter` runs it on its own thread behind a queue.
     """
 
-    def __init__(self, group, hooks: list[str], rank: int, world_size: int, manifest: Manifest | None):
+    def __init__(self, group, hooks: list[str], rank: int, world_size: int, writer: StoreWriter | None):
         self.group, self.store = group, group.store
         self.rank, self.world_size = rank, world_size
-        self.manifest = manifest  # rank 0 only
+        self.writer = writer  # rank 0 only: its manifest, throttled flush and lease check
         self._arrays = {name: group[name] for name in array_names(hooks)}
         self._capacity = next(iter(self._arrays.values())).shape[0]
         self._chunk_seqs = int(group.attrs["chunk_seqs"])
-        self._flush = ManifestFlush(self.store)
 
     def write(self, chunk: Chunk) -> None:
         start, n = chunk.index * self._chunk_seqs, len(chunk.tokens)
@@ -136,14 +143,16 @@ class ShareWriter:
                 f"cannot write chunk {chunk.index} to the store: {e.strerror or e}; recorded chunks "
                 "are kept, rerun the same command to resume"
             ) from None
-        if self.manifest is not None:
-            self._flush.dirty |= fold(self.manifest, self.store) > 0
+        if self.writer is not None:
+            if fold(self.writer.manifest, self.store) > 0:
+                self.writer.manifest_changed()
             self.flush(force=False)
 
     def flush(self, force: bool = True) -> None:
-        """Rank 0: replace manifest.json when chunks were folded since (throttled: ManifestFlush)."""
-        if self.manifest is not None:
-            self._flush(self.manifest, force)
+        """Rank 0: replace manifest.json when chunks were folded since (StoreWriter.flush: throttled,
+        lease checked, I/O errors as one line)."""
+        if self.writer is not None:
+            self.writer.flush(force)
 
 
 def run_share(cfg, model, p, comm: Comm, writer: StoreWriter | None) -> dict:
@@ -167,7 +176,7 @@ def run_share(cfg, model, p, comm: Comm, writer: StoreWriter | None) -> dict:
         lock = _lock_share(p.location, rank, world, group.attrs)
         recorded = recorded_chunks(store)
         done = recorded | set(range(manifest.completed_chunks))
-        share = ShareWriter(group, p.hooks, rank, world, manifest if writer is not None else None)
+        share = ShareWriter(group, p.hooks, rank, world, writer)
         counters = SequenceStats()
         chunks = tokenised_chunks(cfg, model.tokenizer, chunk_seqs, counters)
         bar = _progress(cfg, p.key, rank, world)

@@ -63,15 +63,19 @@ class ManifestFlush:
     time since, so a slow store (S3) is rewritten less often.  Shared by StoreWriter and the
     distributed ShareWriter (rank 0)."""
 
-    def __init__(self, store):
-        self.store, self.dirty = store, False
+    def __init__(self, store, check=None):
+        self.store, self.dirty, self.check = store, False, check  # check(): raises if the lease is lost
         self._last, self._cost = time.perf_counter(), 0.0
 
     def __call__(self, manifest: Manifest, force: bool = True) -> bool:
-        """Rewrite if dirty and (forced or due); True when it wrote.  OSError propagates."""
+        """Rewrite if dirty and (forced or due); True when it wrote.  OSError propagates, and so does
+        `check`'s StoreError, raised right before the write (a builder that lost its lease must not
+        overwrite the new holder's manifest)."""
         now = time.perf_counter()
         if not self.dirty or (not force and now - self._last < self._cost / FLUSH_OVERHEAD):
             return False
+        if self.check is not None:
+            self.check()
         write_key(self.store, MANIFEST_KEY, manifest.to_bytes())
         self._last = time.perf_counter()
         self._cost, self.dirty = self._last - now, False
@@ -143,7 +147,7 @@ class StoreWriter:
         self._store = group.store
         self._arrays = {name: group[name] for name in layout.specs()}
         self._capacity = next(iter(self._arrays.values())).shape[0]
-        self._flush = ManifestFlush(self._store)
+        self._flush = ManifestFlush(self._store, check=self.check_lock)
         self.durable_chunks = manifest.completed_chunks  # chunks named by the manifest on disk
 
     # ---------------------------------------------------------------------------- open / create
@@ -242,6 +246,10 @@ class StoreWriter:
         m.n_seq = start + n
         self._flush.dirty = True
         self.flush(force=False)
+
+    def manifest_changed(self) -> None:
+        """The manifest gained chunks another writer recorded (distributed build): flush it."""
+        self._flush.dirty = True
 
     def flush(self, force: bool = True) -> None:
         """Replace manifest.json if chunks completed since the last time (and, unless forced, it is due)."""
@@ -343,7 +351,7 @@ def _io_error(e: OSError, what: str, writer: StoreWriter) -> StoreError:
     try:
         if writer._flush(writer.manifest, force=True):
             writer.durable_chunks = writer.manifest.completed_chunks
-    except OSError:
+    except (OSError, StoreError):  # cannot write it, or the lease is lost: leave the manifest alone
         pass
     kept = f"the {writer.durable_chunks} completed chunks are kept; rerun the same command to resume"
     if e.errno == errno.ENOSPC:
