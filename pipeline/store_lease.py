@@ -121,7 +121,12 @@ class Lease:
                 raise StoreError(f"cannot create the build lease {self.url}: {e}") from None
             except Exception as e:  # the S3 client's own errors (no server, no credentials)
                 raise (object_store_error(e, self.url) or e) from None
-            held = self.read()
+            try:
+                held = self.read()
+            except OSError as e:
+                raise StoreError(f"cannot read the build lease {self.url}: {e}") from None
+            except Exception as e:  # the S3 client's own errors
+                raise (object_store_error(e, self.url) or e) from None
             if held is None:
                 continue  # released meanwhile: create again
             body, etag, age, ttl = held
@@ -137,6 +142,8 @@ class Lease:
             except OSError as e:
                 if e.errno != errno.EINVAL and not isinstance(e, FileNotFoundError):  # not a 412/404
                     raise StoreError(f"cannot take over the build lease {self.url}: {e}") from None
+            except Exception as e:  # the S3 client's own errors
+                raise (object_store_error(e, self.url) or e) from None
         else:
             raise StoreError(self.message)
         self._thread = threading.Thread(target=self._renew_loop, name="tsae-lease", daemon=True)

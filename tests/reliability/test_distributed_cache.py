@@ -229,3 +229,19 @@ def test_rank0_preallocates_no_more_than_the_corpus_gives(tiny_model, tmp_cache_
     for name in ("tokens", ARRAYS[0]):
         a, b = (zarr.open_group(r.location, mode="r")[name] for r in (whole, single))
         assert a.chunks == b.chunks == (whole.n_seq, *a.shape[1:]) and np.array_equal(a[:], b[:]), name
+
+
+@pytest.mark.parametrize("record", [b"not json", b'{"chunk": 0}',
+                                    b'{"chunk": 0, "n_seq": 4, "checksums": [], "sums": {}}'])
+def test_a_damaged_chunk_record_is_one_store_error(tmp_path, record):
+    """fold() meets a damaged or foreign done/ record: a StoreError naming it, the manifest untouched."""
+    from pipeline.distributed_share import fold, record_key
+    from pipeline.errors import StoreError
+    from pipeline.store_layout import Manifest, write_key, zarr_store
+
+    store = zarr_store(tmp_path / "s", read_only=False)
+    write_key(store, record_key(0), record)
+    manifest = Manifest(chunk_seqs=8, batch_size=4)
+    with pytest.raises(StoreError, match="remove it and rerun"):
+        fold(manifest, store)
+    assert manifest.completed_chunks == 0 and manifest.checksums == {}
