@@ -193,13 +193,13 @@ def _fill(cfg: CacheConfig, model, p: Plan, t0: float, layout: Layout, chunks, c
             }
         )
     except KeyboardInterrupt:
-        _stop(bg)
+        bg.close_after_error()
         raise BuildInterrupted(
             f"interrupted: {writer.n_seq} sequences ({writer.manifest.completed_chunks} "
             f"chunks) are kept in {p.location}; rerun the same command to resume"
         ) from None
     except BaseException:
-        _stop(bg)
+        bg.close_after_error()
         raise
     finally:
         bar.close()
@@ -223,14 +223,6 @@ def remove_partial_writes(location) -> None:
     if isinstance(location, Path):
         for path in location.rglob("*.partial"):
             path.unlink(missing_ok=True)
-
-
-def _stop(bg: BackgroundWriter) -> None:
-    """Let the writer finish what is queued (a failure there was already reported or is secondary)."""
-    try:
-        bg.close()
-    except BaseException:
-        pass
 
 
 def _progress(cfg: CacheConfig, key: str, resumed_seqs: int):
